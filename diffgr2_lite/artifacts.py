@@ -1,0 +1,143 @@
+"""Stage artifacts: ``runs/<profile>/<stage>/``, written atomically, with a metrics JSON in one shape for every stage.
+
+Every write goes to a temporary name in the same folder and is moved into place with ``os.replace``, so a crash
+never leaves a half-written checkpoint or JSON behind. Results for DESIGN.md section 9 are built by
+:func:`stage_record`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def runs_dir(profile_name: str, dataset: str | None = None) -> Path:
+    """``runs/<profile>`` (``runs/<profile>-<dataset>`` when a profile runs a dataset other than its default)."""
+    root = Path(os.environ.get("DIFFGR2_RUNS", REPO / "runs"))
+    return root / (profile_name if dataset is None else f"{profile_name}-{dataset}")
+
+
+def stage_dir(profile, stage: str) -> Path:
+    from .config import PROFILES
+
+    default = PROFILES[profile.name].dataset if profile.name in PROFILES else None
+    d = runs_dir(profile.name, None if profile.dataset == default else profile.dataset) / stage
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(x):
+    try:
+        import numpy as np
+
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def atomic_dir(final: str | Path):
+    """Context manager: yields a temporary folder that replaces ``final`` as a whole when the block succeeds."""
+    final = Path(final)
+
+    class _Ctx:
+        def __enter__(self):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            old = None
+            if final.exists():
+                old = final.parent / f".{final.name}.old.{os.getpid()}"
+                os.replace(final, old)
+            os.replace(self.tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            return False
+
+    return _Ctx()
+
+
+def read_json(path: str | Path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it to rebuild the stage") from exc
+
+
+def device_name(device) -> str:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def stage_record(stage: str, profile, scored: dict, n_eval: int, device, wall_s: float, extra: dict | None = None,
+                 split: str = "test") -> dict:
+    """The DESIGN.md section 9 record of one evaluated system."""
+    rec = {
+        "stage": stage, "device": device_name(device), "profile": profile.name, "dataset": profile.dataset,
+        "seed": profile.seed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(), "n_eval": int(n_eval), "split": split, "wall_s": round(float(wall_s), 2),
+        "metrics": scored["metrics"], "metrics_strict": scored["metrics_strict"],
+    }
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *a):
+        self.s = time.time() - self.t0
+        return False

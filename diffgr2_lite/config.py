@@ -1,0 +1,139 @@
+"""Profiles: one set of code, several sizes.
+
+A profile holds every size and step count of the series. Notebooks take the profile name as a papermill parameter
+whose default comes from the ``DIFFGR2_PROFILE`` environment variable (``smoke`` when unset and no GPU is present,
+``full`` when a GPU is). ``smoke`` exists so CI can execute every notebook on two CPU cores in about a minute each:
+its numbers mean nothing. ``full`` is the profile whose outputs are committed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+DATASETS = ("synthetic", "amazon_beauty")
+
+
+class ConfigError(ValueError):
+    """An unknown profile, dataset or stage name."""
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    dataset: str                      # default dataset of the profile
+    device: str                       # "cpu" or "cuda"
+    seed: int = 0
+    # data
+    synthetic_users: int = 3000
+    synthetic_items: int = 400
+    max_users: int | None = None      # subsample users (after loading) to keep a profile fast
+    history_len: int = 10             # items of history shown in the prompt
+    n_candidates: int = 10
+    train_positions: int = 3          # training examples per user (the last k positions of its training part)
+    max_eval: int = 2000              # evaluation users per split (subsampled deterministically when more)
+    sid_levels: tuple[int, ...] = (16, 16)   # codebook sizes of the k-means levels; one more unique level is added
+    title_words: int = 2
+    teacher_tries: int = 8            # rejection sampling: draws per training example
+    # model
+    model: ModelSize = field(default_factory=lambda: ModelSize(64, 2, 4, 128))
+    # AR SFT
+    ar_epochs: float = 1.0
+    ar_lr: float = 1e-3
+    batch_size: int = 32
+    lambda_reasoning: float = 0.5     # GR2's decoupled weights: lambda_r < lambda_o
+    lambda_answer: float = 1.0
+    eval_batch: int = 64
+    # block diffusion
+    block_size: int = 32
+    cft_epochs: float = 1.0
+    cft_lr: float = 5e-4
+    # OPD
+    opd_steps: int = 10
+    opd_prompts: int = 8
+    opd_rollouts: int = 2
+    opd_lr: float = 1e-4
+    # RL
+    rl_steps: int = 10
+    rl_prompts: int = 4
+    rl_group: int = 4
+    rl_lr: float = 5e-5
+    rl_clip: float = 0.2
+    # speed benchmark
+    bench_prompts: int = 8
+    bench_batches: tuple[int, ...] = (1, 8)
+    bench_taus: tuple[float, ...] = (1.0, 0.9, 0.6, 0.4)
+    bench_block_sizes: tuple[int, ...] = (32,)
+    bench_repeats: int = 2
+    sweep_taus: tuple[float, ...] = (1.0, 0.7, 0.4)
+    sweep_block_sizes: tuple[int, ...] = (4, 32)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke", dataset="synthetic", device="cpu",
+        synthetic_users=600, synthetic_items=240, max_eval=48, train_positions=2,
+        model=ModelSize(hidden=64, layers=2, heads=4, intermediate=128),
+        ar_epochs=1.0, cft_epochs=1.0, batch_size=32, eval_batch=48,
+        opd_steps=2, opd_prompts=4, opd_rollouts=2, rl_steps=2, rl_prompts=4, rl_group=4,
+        bench_prompts=4, bench_batches=(1, 4), bench_taus=(1.0, 0.6), bench_repeats=1,
+        sweep_taus=(1.0, 0.5), sweep_block_sizes=(32,),
+    ),
+    "full": Profile(
+        name="full", dataset="amazon_beauty", device="cuda",
+        synthetic_users=20000, synthetic_items=1200, max_eval=2000, train_positions=4,
+        sid_levels=(32, 32), title_words=2,
+        model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
+        ar_epochs=4.0, ar_lr=1e-3, cft_epochs=3.0, cft_lr=3e-4, batch_size=128, eval_batch=512,
+        opd_steps=40, opd_prompts=64, opd_rollouts=4, opd_lr=5e-5,
+        rl_steps=40, rl_prompts=32, rl_group=8, rl_lr=2e-5,
+        bench_prompts=64, bench_batches=(1, 64), bench_repeats=3,
+        bench_block_sizes=(16, 32), sweep_taus=(1.0, 0.9, 0.6, 0.4), sweep_block_sizes=(8, 16, 32),
+    ),
+}
+
+
+def default_profile_name() -> str:
+    """``$DIFFGR2_PROFILE`` if set, else ``full`` on a GPU machine and ``smoke`` elsewhere."""
+    env = os.environ.get("DIFFGR2_PROFILE")
+    if env:
+        return env
+    try:
+        import torch
+
+        return "full" if torch.cuda.is_available() else "smoke"
+    except ImportError:  # pragma: no cover
+        return "smoke"
+
+
+def get_profile(name: str | None = None, dataset: str | None = None, **overrides) -> Profile:
+    """Look a profile up by name (None = the default), optionally with another dataset or overridden fields."""
+    name = name or default_profile_name()
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
+    prof = PROFILES[name]
+    if dataset is not None:
+        if dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
+        prof = replace(prof, dataset=dataset)
+    if overrides:
+        unknown = sorted(set(overrides) - set(prof.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown profile field(s) {unknown}")
+        prof = replace(prof, **overrides)
+    if prof.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            prof = replace(prof, device="cpu")
+    return prof

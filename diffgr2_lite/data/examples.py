@@ -1,0 +1,164 @@
+"""From a dataset to re-ranking examples: split, candidates, semantic IDs, teacher traces, prompts, a tokenizer.
+
+Protocol (TIGER / GR2): each user's items in time order; the last is the **test** target, the second to last the
+**validation** target, the rest is the **training part**. Training examples are the last ``train_positions`` positions
+of each training part (target = that item, history = what came before). Only examples whose target is in the
+retriever's top 10 are kept (the paper evaluates the same way), and histories are truncated to the last
+``history_len`` items in the prompt.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import Profile
+from ..text import PromptFormat, build_completion, build_prompt, build_vocabulary, item_words, make_tokenizer, sid_tokens
+from .catalog import InteractionData
+from .retriever import TransitionRetriever, user_folds
+from .semantic_ids import SemanticIds, build_semantic_ids
+from .teacher import Teacher, TeacherStats
+
+N_FOLDS = 4
+
+
+@dataclass
+class ExampleSet:
+    """Everything the later stages need; ``splits`` maps 'train' / 'valid' / 'test' to a ``datasets.Dataset``."""
+
+    data: InteractionData
+    sids: SemanticIds
+    fmt: PromptFormat
+    tokenizer: object
+    splits: dict
+    teacher: Teacher
+    report: dict = field(default_factory=dict)
+
+    def sid_words(self, item: int) -> tuple[str, ...]:
+        return sid_tokens(self.sids.codes[item])
+
+    def candidate_sids(self, row) -> list[tuple[str, ...]]:
+        return [self.sid_words(c) for c in row["candidates"]]
+
+
+def leave_one_out(sequences: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, list[int], int]],
+                                                        list[tuple[int, list[int], int]]]:
+    """(training parts, validation (user, history, target), test (user, history, target)). Needs >= 3 items a user."""
+    train, valid, test = [], [], []
+    for u, seq in enumerate(sequences):
+        if len(seq) < 3:
+            train.append(list(seq))
+            continue
+        train.append(seq[:-2])
+        valid.append((u, seq[:-2], seq[-2]))
+        test.append((u, seq[:-1], seq[-1]))
+    return train, valid, test
+
+
+def training_positions(train_parts: list[list[int]], k: int) -> list[tuple[int, list[int], int]]:
+    """The last k positions of each training part with at least one item of history before them."""
+    out = []
+    for u, part in enumerate(train_parts):
+        for t in range(len(part) - 1, max(0, len(part) - 1 - k), -1):
+            out.append((u, part[:t], part[t]))
+    return out
+
+
+def _subsample_users(data: InteractionData, max_users: int | None, seed: int) -> InteractionData:
+    if not max_users or len(data.sequences) <= max_users:
+        return data
+    keep = np.sort(np.random.default_rng(seed).choice(len(data.sequences), max_users, replace=False))
+    return InteractionData(data.name, data.catalog, [data.user_ids[i] for i in keep],
+                           [data.sequences[i] for i in keep], {**data.info, "subsampled_users": max_users})
+
+
+def build_examples(data: InteractionData, profile: Profile, progress: bool = True) -> ExampleSet:
+    t0 = time.time()
+    seed = profile.seed
+    rng = np.random.default_rng(seed)
+    data = _subsample_users(data, profile.max_users, seed)
+    cat = data.catalog
+    train_parts, valid_raw, test_raw = leave_one_out(data.sequences)
+    popularity = np.bincount(np.concatenate([np.asarray(p, dtype=np.int64) for p in train_parts]), minlength=len(cat))
+    sids = build_semantic_ids(cat, profile.sid_levels, popularity=popularity, seed=seed)
+    fmt = PromptFormat(profile.history_len, profile.n_candidates, profile.title_words, sids.levels)
+    k = profile.n_candidates
+
+    # retrievers: one on every training part (evaluation), one per fold (cross-fitted training candidates)
+    full_retriever = TransitionRetriever(len(cat)).fit(train_parts)
+    folds = user_folds(len(train_parts), N_FOLDS, seed)
+    fold_retrievers = [TransitionRetriever(len(cat)).fit([p for p, f in zip(train_parts, folds) if f != j])
+                       for j in range(N_FOLDS)]
+
+    def with_candidates(raw, retriever_of):
+        kept, total = [], 0
+        for u, hist, target in tqdm(raw, disable=not progress, desc="retrieving", leave=False, mininterval=2):
+            total += 1
+            cands = retriever_of(u).top_k(hist, k)
+            if target in cands:
+                kept.append((u, hist, target, cands, cands.index(target)))
+        return kept, total
+
+    train_ex, n_train_pos = with_candidates(training_positions(train_parts, profile.train_positions),
+                                            lambda u: fold_retrievers[folds[u]])
+    valid_ex, n_valid = with_candidates(valid_raw, lambda u: full_retriever)
+    test_ex, n_test = with_candidates(test_raw, lambda u: full_retriever)
+
+    # the teacher: statistics from training parts, weights fitted on (cross-fitted) training examples
+    teacher = Teacher(cat, TeacherStats.fit(cat, train_parts))
+    fit_idx = rng.permutation(len(train_ex))[:20000]
+    teacher.fit_weights([(train_ex[i][1], train_ex[i][3], train_ex[i][4]) for i in fit_idx])
+
+    def item_repr(i):
+        return item_words(sids_of[i], cat.brands[i], cat.leaf(i), cat.titles[i], profile.title_words)
+
+    sids_of = [sid_tokens(c) for c in sids.codes]
+    rows = {"train": [], "valid": [], "test": []}
+    draws, rejected = [], 0
+    for split, exs in (("train", train_ex), ("valid", valid_ex), ("test", test_ex)):
+        for u, hist, target, cands, tpos in tqdm(exs, disable=not progress, desc=f"teacher {split}", leave=False,
+                                                 mininterval=2):
+            if split == "train":
+                ranking, used = teacher.rejection_sample(hist, cands, tpos, rng, profile.teacher_tries)
+                draws.append(used)
+                if ranking is None:
+                    rejected += 1
+                    continue
+            else:
+                ranking = teacher.rank(hist, cands)     # greedy, and blind to the target
+            ranked_sids = [sids_of[cands[p]] for p in ranking]
+            reasoning = teacher.trace(hist, cands, ranking, lambda i: sids_of[i])
+            rows[split].append({
+                "user": data.user_ids[u], "history": hist[-profile.history_len:], "target": int(target),
+                "candidates": cands, "target_pos": int(tpos), "teacher_ranking": ranking,
+                "prompt": build_prompt(fmt, [item_repr(h) for h in hist], [item_repr(c) for c in cands]),
+                "completion": build_completion(reasoning, ranked_sids),
+                "completion_direct": build_completion(None, ranked_sids),
+            })
+    # evaluation splits are capped (deterministically) to keep every stage's evaluation fast
+    for split in ("valid", "test"):
+        if len(rows[split]) > profile.max_eval:
+            keep = np.sort(np.random.default_rng(seed + 1).choice(len(rows[split]), profile.max_eval, replace=False))
+            rows[split] = [rows[split][i] for i in keep]
+
+    from datasets import Dataset
+
+    splits = {s: Dataset.from_list(r) for s, r in rows.items()}
+    vocab = build_vocabulary([r["prompt"] + " " + r["completion"] for r in rows["train"]] +
+                             [r["prompt"] for s in ("valid", "test") for r in rows[s]], sids.codebook_sizes)
+    tok = make_tokenizer(vocab)
+    report = {
+        "dataset": data.name, "stats": data.stats(), "sid": sids.uniqueness(),
+        "positions": {"train": n_train_pos, "valid": n_valid, "test": n_test},
+        "hit_rate@10": {"train": len(train_ex) / max(1, n_train_pos), "valid": len(valid_ex) / max(1, n_valid),
+                        "test": len(test_ex) / max(1, n_test)},
+        "examples": {s: len(r) for s, r in rows.items()},
+        "rejection": {"kept": len(rows["train"]), "rejected": rejected,
+                      "mean_draws": float(np.mean(draws)) if draws else 0.0, "tries": profile.teacher_tries},
+        "teacher_weights": dict(zip(("next_category", "same_brand", "same_category", "retriever_prior",
+                                     "popularity"), map(float, teacher.weights))),
+        "prompt_tokens": fmt.prompt_len, "vocab_size": len(vocab), "seconds": time.time() - t0,
+    }
+    return ExampleSet(data, sids, fmt, tok, splits, teacher, report)

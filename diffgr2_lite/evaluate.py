@@ -1,0 +1,64 @@
+"""Evaluate any decoder on a split: decode in batches, parse every output, score it both ways.
+
+A decoder is a function ``decode(rows, prompt) -> dict`` returning at least ``tokens`` ([B, T] completion token ids);
+it may add ``forwards`` (model calls) so tokens committed per forward can be reported.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import score_parses
+from .text import EOS, decode_tokens, parse_ranking
+
+
+def evaluate(decode, ds, example_set, batch_size: int, device, desc: str = "evaluating") -> dict:
+    tok = example_set.tokenizer
+    rows = ds.select_columns(["prompt_ids", "candidates", "target_pos"]).to_list()
+    parses, outputs, forwards, gen_tokens = [], [], 0, 0
+    t0 = time.time()
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, mininterval=1, leave=False):
+        chunk = rows[i:i + batch_size]
+        prompt = torch.tensor([r["prompt_ids"] for r in chunk], dtype=torch.long, device=device)
+        out = decode(chunk, prompt)
+        forwards += int(out.get("forwards", 0))
+        for r, ids in zip(chunk, out["tokens"].tolist()):
+            toks = decode_tokens(tok, ids)
+            if EOS in toks:
+                toks = toks[: toks.index(EOS) + 1]
+            gen_tokens += len(toks)
+            outputs.append(" ".join(toks))
+            parses.append(parse_ranking(toks, [example_set.sid_words(c) for c in r["candidates"]]))
+    scored = score_parses(parses, [r["target_pos"] for r in rows])
+    scored.update(parses=parses, outputs=outputs, forwards=forwards, generated_tokens=gen_tokens,
+                  seconds=time.time() - t0, n=len(rows))
+    return scored
+
+
+def fixed_rankings(ds, example_set, column: str | None) -> dict:
+    """Score fixed rankings with no model: the retriever order (``column=None``) or e.g. ``teacher_ranking``."""
+    from .text import build_answer
+
+    rows = ds.to_list()
+    parses = []
+    for r in rows:
+        sids = [example_set.sid_words(c) for c in r["candidates"]]
+        order = r[column] if column else list(range(len(sids)))
+        parses.append(parse_ranking(build_answer([sids[p] for p in order]), sids))
+    scored = score_parses(parses, [r["target_pos"] for r in rows])
+    scored.update(parses=parses, n=len(rows))
+    return scored
+
+
+def bootstrap_vs(scored: dict, reference: dict, seed: int = 0) -> dict:
+    """Paired bootstrap intervals of recall@1 and ndcg@3 differences (this system minus the reference)."""
+    from .metrics import paired_bootstrap
+
+    return {k: paired_bootstrap(scored["_per"][k], reference["_per"][k], seed=seed) for k in ("recall@1", "ndcg@3")}
+
+
+def per_example_array(scored: dict, key: str) -> np.ndarray:
+    return scored["_per"][key]

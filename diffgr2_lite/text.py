@@ -1,0 +1,244 @@
+"""The text layer: one vocabulary, one tokenizer, the prompt/completion format and a ranking parser that never raises.
+
+Every "word" of the format is one whitespace-separated token, so the tokenizer is a word-level one (built with the
+``tokenizers`` library, wrapped as a transformers fast tokenizer). An item is written as its semantic ID (one token per
+level, ``<a_3> <b_17> <c_0>``) followed by a few words; the answer is exactly the 10 candidate SIDs::
+
+    prompt     = <bos> <user> history : ITEM x H ; candidates : ITEM x 10 <assistant>
+    completion = <think> reasoning </think> <answer> SID x 10 </answer> <eos>
+
+Prompts have a fixed length (short histories are left-filled with ``<pad>`` item slots), so a batch of prompts is a
+plain rectangle: no padding masks, identical positions in every row, static shapes for CUDA graphs.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
+USER, ASSISTANT = "<user>", "<assistant>"
+THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, MASK, USER, ASSISTANT, THINK, END_THINK, ANSWER, END_ANSWER]
+LEVEL_NAMES = "abcdefgh"
+_SID_RE = re.compile(r"^<([a-h])_(\d+)>$")
+_WORD_RE = re.compile(r"[a-z0-9]+")
+
+
+def sid_tokens(codes) -> tuple[str, ...]:
+    """Semantic-ID codes (one int per level) -> their tokens, e.g. (3, 17, 0) -> ('<a_3>', '<b_17>', '<c_0>')."""
+    return tuple(f"<{LEVEL_NAMES[level]}_{int(c)}>" for level, c in enumerate(codes))
+
+
+def word_token(text: str) -> str:
+    """A category or brand name as one token: 'Creams & Moisturizers' -> 'Creams_&_Moisturizers'."""
+    return "_".join(str(text).split()) or UNK
+
+
+def title_words(title: str, k: int) -> list[str]:
+    """The first k lower-case alphanumeric words of a title (padded with '-' so every item has the same length)."""
+    words = _WORD_RE.findall(title.lower())[:k]
+    return words + ["-"] * (k - len(words))
+
+
+# ----------------------------------------------------------------------------------------------- the format
+@dataclass(frozen=True)
+class PromptFormat:
+    """Fixed-length prompt layout: ``history_len`` item slots, ``n_candidates`` candidates, ``title_words`` per item."""
+
+    history_len: int
+    n_candidates: int
+    title_words: int
+    sid_len: int
+
+    @property
+    def item_len(self) -> int:
+        return self.sid_len + 2 + self.title_words + 1          # SID, brand, category, title words, ';'
+
+    @property
+    def prompt_len(self) -> int:
+        return 7 + (self.history_len + self.n_candidates) * self.item_len
+
+    @property
+    def answer_len(self) -> int:
+        return 2 + self.n_candidates * self.sid_len + 1        # <answer> SIDs </answer> <eos>
+
+
+def item_words(sid: tuple[str, ...], brand: str | None, category: str, title: str, n_title: int) -> list[str]:
+    return [*sid, word_token(brand) if brand else "no_brand", word_token(category), *title_words(title, n_title), ";"]
+
+
+def build_prompt(fmt: PromptFormat, history: list[list[str]], candidates: list[list[str]]) -> str:
+    """Join item word lists into the fixed-length prompt (the most recent ``history_len`` items are kept)."""
+    if len(candidates) != fmt.n_candidates:
+        raise ValueError(f"expected {fmt.n_candidates} candidates, got {len(candidates)}")
+    hist = history[-fmt.history_len:]
+    pad_slots = [[PAD] * fmt.item_len] * (fmt.history_len - len(hist))
+    words = [BOS, USER, "history", ":"]
+    for item in pad_slots + hist:
+        words += item
+    words += ["candidates", ":"]
+    for item in candidates:
+        words += item
+    words += [ASSISTANT]
+    assert len(words) == fmt.prompt_len, (len(words), fmt.prompt_len)
+    return " ".join(words)
+
+
+def build_answer(ranked_sids: list[tuple[str, ...]]) -> str:
+    return " ".join([ANSWER, *[t for sid in ranked_sids for t in sid], END_ANSWER, EOS])
+
+
+def build_completion(reasoning: str | None, ranked_sids: list[tuple[str, ...]]) -> str:
+    """Reasoning (None for the direct, no-reasoning variant) followed by the ranked answer and the end token."""
+    answer = build_answer(ranked_sids)
+    return f"{THINK} {reasoning} {END_THINK} {answer}" if reasoning is not None else answer
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+@dataclass
+class ParsedRanking:
+    """What a model's output says, and what scoring does with it.
+
+    ``ranking`` is the list of candidate positions (0 = the retriever's first) used for paper scoring: the model's own
+    ranking when valid, else the retriever order (the paper's fallback). ``model_ranking`` is what the model wrote,
+    mapped to candidate positions where it could be (-1 for an out-of-set SID).
+    """
+
+    ranking: list[int]
+    model_ranking: list[int]
+    valid: bool
+    duplicate: bool = False
+    dropped: bool = False
+    out_of_set: bool = False
+    malformed: bool = False
+    reasoning_tokens: int = 0
+    answer_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _as_tokens(output) -> list[str]:
+    if output is None:
+        return []
+    if isinstance(output, str):
+        return output.split()
+    try:
+        return [str(t) for t in output]
+    except TypeError:
+        return []
+
+
+def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
+    """Parse a completion (a string or a list of token strings) against the 10 candidate SIDs. Never raises.
+
+    Valid means: an ``<answer> ... </answer>`` span whose tokens split exactly into SIDs that form a permutation of the
+    candidates. Otherwise each failure is flagged: ``malformed`` (no answer span, stray tokens, a broken SID),
+    ``out_of_set`` (an SID that is not a candidate), ``duplicate`` (a candidate twice), ``dropped`` (a candidate missing).
+    """
+    n = len(candidates)
+    fallback = list(range(n))
+    try:
+        tokens = _as_tokens(output)
+        if EOS in tokens:
+            tokens = tokens[: tokens.index(EOS)]
+        index = {tuple(c): i for i, c in enumerate(candidates)}
+        sid_len = len(candidates[0]) if candidates else 3
+        res = ParsedRanking(ranking=fallback, model_ranking=[], valid=False)
+        res.reasoning_tokens = tokens.index(END_THINK) - tokens.index(THINK) - 1 if (
+            THINK in tokens and END_THINK in tokens and tokens.index(END_THINK) > tokens.index(THINK)) else 0
+        if ANSWER not in tokens:
+            res.malformed = True
+            res.notes.append("no <answer> marker")
+            return res
+        start = len(tokens) - 1 - tokens[::-1].index(ANSWER)      # the last answer span counts
+        body = tokens[start + 1:]
+        if END_ANSWER in body:
+            body = body[: body.index(END_ANSWER)]
+        else:
+            res.malformed = True
+            res.notes.append("answer not closed")
+        res.answer_tokens = len(body)
+        sids: list[tuple[str, ...]] = []
+        i = 0
+        while i < len(body):
+            chunk = tuple(body[i:i + sid_len])
+            levels = [_SID_RE.match(t) for t in chunk]
+            if len(chunk) == sid_len and all(m and m.group(1) == LEVEL_NAMES[k] for k, m in enumerate(levels)):
+                sids.append(chunk)
+                i += sid_len
+            else:
+                res.malformed = True
+                res.notes.append(f"stray token {body[i]!r}")
+                i += 1
+        mapped = [index.get(s, -1) for s in sids]
+        res.model_ranking = mapped
+        res.out_of_set = any(m < 0 for m in mapped)
+        seen = [m for m in mapped if m >= 0]
+        res.duplicate = len(seen) != len(set(seen))
+        res.dropped = len(set(seen)) < n
+        res.valid = not (res.malformed or res.out_of_set or res.duplicate or res.dropped) and len(mapped) == n
+        if res.valid:
+            res.ranking = mapped
+        return res
+    except Exception as exc:  # the contract is "never raises": anything unexpected is a malformed output
+        return ParsedRanking(ranking=fallback, model_ranking=[], valid=False, malformed=True,
+                             notes=[f"parser error: {exc!r}"])
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def build_vocabulary(texts, sid_codebook_sizes: tuple[int, ...], min_count: int = 1, max_words: int = 20000) -> list[str]:
+    """Special tokens, every SID token, then the words of ``texts`` by frequency (rarer ones become ``<unk>``)."""
+    vocab = list(SPECIAL_TOKENS)
+    for level, size in enumerate(sid_codebook_sizes):
+        vocab += [f"<{LEVEL_NAMES[level]}_{c}>" for c in range(size)]
+    fixed = set(vocab)
+    counts = Counter(w for t in texts for w in t.split() if w not in fixed)
+    vocab += [w for w, c in counts.most_common(max_words) if c >= min_count]
+    return vocab
+
+
+def make_tokenizer(vocab: list[str]):
+    """A transformers fast tokenizer over a word-level vocabulary (whitespace split; no merges, no lower-casing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if len(set(vocab)) != len(vocab):
+        raise ValueError("vocabulary has duplicate entries")
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)   # joins tokens with single spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                  unk_token=UNK, mask_token=MASK)
+    return tok
+
+
+def save_tokenizer(tok, path: str | Path) -> None:
+    tok.save_pretrained(str(path))
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer at {path} (expected {path / 'tokenizer.json'})")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def vocab_fingerprint(tok) -> str:
+    """A short hash of the vocabulary: checkpoints record it, loading a checkpoint checks it."""
+    import hashlib
+
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def encode(tok, texts: list[str]) -> list[list[int]]:
+    return [tok.convert_tokens_to_ids(t.split()) for t in texts]
+
+
+def decode_tokens(tok, ids) -> list[str]:
+    """Token ids -> token strings (no joining, no special-token stripping: the parser wants them all)."""
+    return tok.convert_ids_to_tokens([int(i) for i in ids])
