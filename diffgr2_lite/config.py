@@ -130,6 +130,11 @@ def get_profile(name: str | None = None, dataset: str | None = None, **overrides
         unknown = sorted(set(overrides) - set(prof.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"unknown profile field(s) {unknown}")
+        if isinstance(overrides.get("model"), dict):
+            overrides["model"] = ModelSize(**overrides["model"])
+        for k, v in overrides.items():
+            if isinstance(v, list):
+                overrides[k] = tuple(v)
         prof = replace(prof, **overrides)
     if prof.device == "cuda":
         import torch
