@@ -87,9 +87,9 @@ def train(model, train_ds, tokenizer, *, loss_fn=sft_loss, epochs: float, lr: fl
             opt.step()
             step += 1
             history["step"].append(step)
-            history["loss"].append(float(loss))
+            history["loss"].append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
             if validate is not None and (step % validate_every == 0 or step == total):
                 model.eval()
                 score = float(validate(model))

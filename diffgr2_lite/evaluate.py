@@ -18,23 +18,30 @@ from .text import EOS, decode_tokens, parse_ranking
 def evaluate(decode, ds, example_set, batch_size: int, device, desc: str = "evaluating") -> dict:
     tok = example_set.tokenizer
     rows = ds.select_columns(["prompt_ids", "candidates", "target_pos"]).to_list()
-    parses, outputs, forwards, gen_tokens = [], [], 0, 0
+    parses, outputs, forwards, gen_tokens, row_forwards = [], [], 0, 0, 0
     t0 = time.time()
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, mininterval=1, leave=False):
         chunk = rows[i:i + batch_size]
         prompt = torch.tensor([r["prompt_ids"] for r in chunk], dtype=torch.long, device=device)
         out = decode(chunk, prompt)
         forwards += int(out.get("forwards", 0))
-        for r, ids in zip(chunk, out["tokens"].tolist()):
+        steps = out["steps"].tolist() if "steps" in out else None
+        for j, (r, ids) in enumerate(zip(chunk, out["tokens"].tolist())):
             toks = decode_tokens(tok, ids)
             if EOS in toks:
                 toks = toks[: toks.index(EOS) + 1]
             gen_tokens += len(toks)
+            # forwards this row needed: one per token for AR; the steps of its blocks for block diffusion
+            if steps is None:
+                row_forwards += len(toks)
+            else:
+                B = out["tokens"].shape[1] // len(steps[j])
+                row_forwards += sum(steps[j][: -(-len(toks) // B)])
             outputs.append(" ".join(toks))
             parses.append(parse_ranking(toks, [example_set.sid_words(c) for c in r["candidates"]]))
     scored = score_parses(parses, [r["target_pos"] for r in rows])
     scored.update(parses=parses, outputs=outputs, forwards=forwards, generated_tokens=gen_tokens,
-                  seconds=time.time() - t0, n=len(rows))
+                  tokens_per_forward=gen_tokens / max(1, row_forwards), seconds=time.time() - t0, n=len(rows))
     return scored
 
 

@@ -19,7 +19,7 @@ from ..text import PromptFormat, build_completion, build_prompt, build_vocabular
 from .catalog import InteractionData
 from .retriever import TransitionRetriever, user_folds
 from .semantic_ids import SemanticIds, build_semantic_ids
-from .teacher import Teacher, TeacherStats
+from .teacher import FEATURES, Teacher, TeacherStats
 
 N_FOLDS = 4
 
@@ -91,6 +91,16 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     folds = user_folds(len(train_parts), N_FOLDS, seed)
     fold_retrievers = [TransitionRetriever(len(cat)).fit([p for p, f in zip(train_parts, folds) if f != j])
                        for j in range(N_FOLDS)]
+    # the teacher's co-purchase evidence: a wide co-occurrence model over the whole history, cross-fitted the same way
+    wide = dict(window=10, history_items=50, decay=0.9)
+    wide_full = TransitionRetriever(len(cat), **wide).fit(train_parts)
+    wide_folds = [TransitionRetriever(len(cat), **wide).fit([p for p, f in zip(train_parts, folds) if f != j])
+                  for j in range(N_FOLDS)]
+
+    def co_purchase(split, u, hist, cands):
+        model = wide_folds[folds[u]] if split == "train" else wide_full
+        s = model.scores(hist)
+        return np.maximum(s[cands], 0.0)
 
     def with_candidates(raw, retriever_of):
         kept, total = [], 0
@@ -109,7 +119,8 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     # the teacher: statistics from training parts, weights fitted on (cross-fitted) training examples
     teacher = Teacher(cat, TeacherStats.fit(cat, train_parts))
     fit_idx = rng.permutation(len(train_ex))[:20000]
-    teacher.fit_weights([(train_ex[i][1], train_ex[i][3], train_ex[i][4]) for i in fit_idx])
+    teacher.fit_weights([(train_ex[i][1], train_ex[i][3], train_ex[i][4],
+                          co_purchase("train", train_ex[i][0], train_ex[i][1], train_ex[i][3])) for i in fit_idx])
 
     def item_repr(i):
         return item_words(sids_of[i], cat.brands[i], cat.leaf(i), cat.titles[i], profile.title_words)
@@ -120,16 +131,17 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     for split, exs in (("train", train_ex), ("valid", valid_ex), ("test", test_ex)):
         for u, hist, target, cands, tpos in tqdm(exs, disable=not progress, desc=f"teacher {split}", leave=False,
                                                  mininterval=2):
+            co = co_purchase(split, u, hist, cands)
             if split == "train":
-                ranking, used = teacher.rejection_sample(hist, cands, tpos, rng, profile.teacher_tries)
+                ranking, used = teacher.rejection_sample(hist, cands, tpos, rng, profile.teacher_tries, co_purchase=co)
                 draws.append(used)
                 if ranking is None:
                     rejected += 1
                     continue
             else:
-                ranking = teacher.rank(hist, cands)     # greedy, and blind to the target
+                ranking = teacher.rank(hist, cands, co_purchase=co)     # greedy, and blind to the target
             ranked_sids = [sids_of[cands[p]] for p in ranking]
-            reasoning = teacher.trace(hist, cands, ranking, lambda i: sids_of[i])
+            reasoning = teacher.trace(hist, cands, ranking, lambda i: sids_of[i], co_purchase=co)
             rows[split].append({
                 "user": data.user_ids[u], "history": hist[-profile.history_len:], "target": int(target),
                 "candidates": cands, "target_pos": int(tpos), "teacher_ranking": ranking,
@@ -157,8 +169,7 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
         "examples": {s: len(r) for s, r in rows.items()},
         "rejection": {"kept": len(rows["train"]), "rejected": rejected,
                       "mean_draws": float(np.mean(draws)) if draws else 0.0, "tries": profile.teacher_tries},
-        "teacher_weights": dict(zip(("next_category", "same_brand", "same_category", "retriever_prior",
-                                     "popularity"), map(float, teacher.weights))),
+        "teacher_weights": dict(zip(FEATURES, map(float, teacher.weights))),
         "prompt_tokens": fmt.prompt_len, "vocab_size": len(vocab), "seconds": time.time() - t0,
     }
     return ExampleSet(data, sids, fmt, tok, splits, teacher, report)

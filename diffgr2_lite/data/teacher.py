@@ -23,7 +23,8 @@ import numpy as np
 from ..text import word_token
 from .catalog import Catalog
 
-FEATURES = ("next_category", "same_brand", "same_category", "retriever_prior", "popularity")
+FEATURES = ("next_category", "same_brand", "same_category", "brand_of_last", "category_of_last",
+            "co_purchase", "retriever_prior", "popularity")
 
 
 @dataclass
@@ -53,13 +54,19 @@ class TeacherStats:
 class Teacher:
     def __init__(self, catalog: Catalog, stats: TeacherStats, weights: np.ndarray | None = None):
         self.catalog, self.stats = catalog, stats
-        self.weights = weights if weights is not None else np.array([3.0, 1.5, 0.5, 1.0, 0.2])
+        self.weights = weights if weights is not None else np.ones(len(FEATURES))
 
     # ---------------------------------------------------------------- features and scores
-    def features(self, history: list[int], candidates: list[int]) -> np.ndarray:
-        """[n_candidates, len(FEATURES)]: the evidence the trace talks about."""
+    def features(self, history: list[int], candidates: list[int], co_purchase=None) -> np.ndarray:
+        """[n_candidates, len(FEATURES)]: the evidence the trace talks about.
+
+        ``co_purchase`` are the candidates' scores under a wide co-occurrence model over the whole history (fitted
+        without the user's own fold for training examples, like the retriever); zeros when not given.
+        """
         st, cat = self.stats, self.catalog
         last_leaf = st.leaf_of[history[-1]]
+        last_brand = cat.brands[history[-1]]
+        co = np.zeros(len(candidates)) if co_purchase is None else np.asarray(co_purchase, float)
         brands = Counter(cat.brands[h] for h in history if cat.brands[h])
         leaves = Counter(st.leaf_of[h] for h in history)
         rows = []
@@ -68,20 +75,26 @@ class Teacher:
                 np.log(st.transition[last_leaf, st.leaf_of[c]]),
                 brands.get(cat.brands[c], 0) / len(history) if cat.brands[c] else 0.0,
                 leaves.get(st.leaf_of[c], 0) / len(history),
+                float(last_brand is not None and cat.brands[c] == last_brand),
+                float(st.leaf_of[c] == last_leaf),
+                np.log1p(100.0 * co[pos]),
                 -np.log1p(pos),
                 st.log_popularity[c],
             ])
         return np.asarray(rows)
 
-    def scores(self, history: list[int], candidates: list[int]) -> np.ndarray:
-        return self.features(history, candidates) @ self.weights
+    def scores(self, history: list[int], candidates: list[int], co_purchase=None) -> np.ndarray:
+        return self.features(history, candidates, co_purchase) @ self.weights
 
-    def fit_weights(self, examples: list[tuple[list[int], list[int], int]], steps: int = 300, lr: float = 0.5) -> None:
-        """Fit the weights by softmax regression over the candidates (target position as the label)."""
-        feats = np.stack([self.features(h, c) for h, c, _ in examples])          # [E, N, F]
+    def fit_weights(self, examples, steps: int = 300, lr: float = 0.5) -> None:
+        """Fit the weights by softmax regression over the candidates (target position as the label).
+
+        ``examples``: (history, candidates, target position, co_purchase scores) tuples.
+        """
+        feats = np.stack([self.features(h, c, co) for h, c, _, co in examples])      # [E, N, F]
         mu, sd = feats.reshape(-1, feats.shape[-1]).mean(0), feats.reshape(-1, feats.shape[-1]).std(0) + 1e-6
         x = (feats - mu) / sd
-        y = np.array([t for _, _, t in examples])
+        y = np.array([t for _, _, t, _ in examples])
         w = np.zeros(x.shape[-1])
         for _ in range(steps):
             logits = x @ w
@@ -93,23 +106,24 @@ class Teacher:
 
     # ---------------------------------------------------------------- ranking and traces
     def rank(self, history: list[int], candidates: list[int], rng: np.random.Generator | None = None,
-             temperature: float = 1.0) -> list[int]:
+             temperature: float = 1.0, co_purchase=None) -> list[int]:
         """Candidate positions, best first. With ``rng``: a Plackett-Luce sample (Gumbel noise on the scores)."""
-        s = self.scores(history, candidates)
+        s = self.scores(history, candidates, co_purchase)
         if rng is not None:
             s = s / temperature + rng.gumbel(size=len(s))
         return [int(i) for i in np.lexsort((np.arange(len(s)), -s))]
 
     def rejection_sample(self, history, candidates, target_pos: int, rng: np.random.Generator, tries: int,
-                         temperature: float = 1.0) -> tuple[list[int] | None, int]:
+                         temperature: float = 1.0, co_purchase=None) -> tuple[list[int] | None, int]:
         """Draw rankings until the top-1 is the target. Returns (ranking or None, draws used)."""
         for k in range(1, tries + 1):
-            ranking = self.rank(history, candidates, rng, temperature)
+            ranking = self.rank(history, candidates, rng, temperature, co_purchase)
             if ranking[0] == target_pos:
                 return ranking, k
         return None, tries
 
-    def trace(self, history: list[int], candidates: list[int], ranking: list[int], sid_words, top: int = 5) -> str:
+    def trace(self, history: list[int], candidates: list[int], ranking: list[int], sid_words, top: int = 5,
+              co_purchase=None) -> str:
         """The three-step explanation of ``ranking`` (a list of candidate positions)."""
         st, cat = self.stats, self.catalog
         leaves = Counter(cat.leaf(h) for h in history)
@@ -131,8 +145,12 @@ class Teacher:
             tags = []
             if cat.leaf(c) in next_names:
                 tags.append("next+")
-            if cat.brands[c] and cat.brands[c] in brands:
+            if cat.brands[c] and cat.brands[c] == cat.brands[last]:
+                tags.append("same_brand_as_last")
+            elif cat.brands[c] and cat.brands[c] in brands:
                 tags.append("brand+")
+            if co_purchase is not None and co_purchase[pos] > 0:
+                tags.append("co_bought")
             if cat.leaf(c) in leaves:
                 tags.append("seen_category")
             if pos < 3:

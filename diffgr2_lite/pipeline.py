@@ -1,0 +1,287 @@
+"""Stage artifacts: load what an earlier stage left under ``runs/<profile>/``, or build it now.
+
+Every notebook starts with one of these calls, so it runs on its own: notebook 05 on a fresh clone trains the AR
+model (stage 02) first, and on a machine that already ran 02 it just loads the checkpoint. Builders are
+deterministic by the profile's seed. A stale artifact (built with other profile settings) is rebuilt, not trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import artifacts as art
+from .ar import AnswerConstraint, ar_decode, candidate_token_ids, max_completion_len, train
+from .batches import tokenize_split
+from .config import Profile
+from .evaluate import bootstrap_vs, evaluate, fixed_rankings
+from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
+
+STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained",
+          "cft", "opd", "rl", "speed")
+
+
+# bump when the example builder changes what it writes: cached data built by older code is then rebuilt
+DATA_VERSION = 2
+
+
+def profile_hash(profile: Profile, *fields: str) -> str:
+    d = profile.to_dict()
+    d = {k: d[k] for k in fields} if fields else d
+    d["data_version"] = DATA_VERSION
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+DATA_FIELDS = ("dataset", "seed", "synthetic_users", "synthetic_items", "max_users", "history_len", "n_candidates",
+               "train_positions", "max_eval", "sid_levels", "title_words", "teacher_tries")
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_dataset(profile: Profile):
+    """The raw dataset of the profile: the embedded synthetic generator or real Amazon Beauty."""
+    if profile.dataset == "synthetic":
+        from .data.synthetic import generate_synthetic
+
+        return generate_synthetic(profile.synthetic_users, profile.synthetic_items, seed=profile.seed)
+    from .data.amazon import load_amazon_beauty
+
+    return load_amazon_beauty()
+
+
+def get_examples(profile: Profile, rebuild: bool = False, progress: bool = True):
+    """The ExampleSet of the profile (tokenised splits, tokenizer, SIDs, report), cached in ``runs/<p>/data``."""
+    from datasets import load_from_disk
+
+    from .data.examples import ExampleSet, build_examples
+    from .data.semantic_ids import SemanticIds
+    from .text import PromptFormat, load_tokenizer
+
+    d = art.stage_dir(profile, "data")
+    key = profile_hash(profile, *DATA_FIELDS)
+    meta_path = d / "meta.json"
+    if not rebuild and meta_path.exists() and art.read_json(meta_path).get("key") == key:
+        meta = art.read_json(meta_path)
+        splits = {s: load_from_disk(str(d / "splits" / s)) for s in ("train", "valid", "test")}
+        codes = np.load(d / "sids.npy", allow_pickle=False)
+        return ExampleSet(None, SemanticIds(codes, tuple(meta["codebook_sizes"])), PromptFormat(**meta["format"]),
+                          load_tokenizer(d / "tokenizer"), splits, None, meta["report"])
+    ex = build_examples(load_dataset(profile), profile, progress=progress)
+    tok = ex.tokenizer
+    for s in ex.splits:
+        ds = tokenize_split(ex.splits[s], tok, "completion")
+        ds = ds.add_column("direct_ids", [tok.convert_tokens_to_ids(t.split()) for t in ds["completion_direct"]])
+        ex.splits[s] = ds
+    with art.atomic_dir(d / "splits") as tmp:
+        for s, ds in ex.splits.items():
+            ds.save_to_disk(str(Path(tmp) / s))
+    with art.atomic_dir(d / "tokenizer") as tmp:
+        tok.save_pretrained(str(tmp))
+    tmp_npy = d / ".sids.tmp.npy"
+    np.save(tmp_npy, ex.sids.codes, allow_pickle=False)
+    tmp_npy.replace(d / "sids.npy")
+    fmt = ex.fmt
+    art.atomic_write_json(meta_path, {
+        "key": key, "codebook_sizes": list(ex.sids.codebook_sizes), "report": ex.report,
+        "format": {"history_len": fmt.history_len, "n_candidates": fmt.n_candidates,
+                   "title_words": fmt.title_words, "sid_len": fmt.sid_len}})
+    ex.splits = {s: load_from_disk(str(d / "splits" / s)) for s in ex.splits}     # memory-mapped, like a reload
+    return ex
+
+
+def write_stage(profile, stage: str, record: dict) -> dict:
+    art.atomic_write_json(art.stage_dir(profile, stage) / "metrics.json", record)
+    return record
+
+
+def record_fixed(profile: Profile, ex, stage: str, column: str | None, reference: dict | None = None) -> dict:
+    """Retriever order (``column=None``) or the teacher's greedy ranking, scored on the test split."""
+    t0 = time.time()
+    scored = fixed_rankings(ex.splits["test"], ex, column)
+    extra = {"ci95": bootstrap_vs(scored, reference, profile.seed)} if reference else {}
+    rec = art.stage_record(stage, profile, scored, scored["n"], "cpu", time.time() - t0, extra)
+    write_stage(profile, stage, rec)
+    return {"record": rec, "scored": scored}
+
+
+# ----------------------------------------------------------------------------------------------- AR
+def ar_max_new(ex) -> int:
+    return max_completion_len(ex.splits["train"]) + 8
+
+
+def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: float = 0.0):
+    tok = ex.tokenizer
+
+    def decode(rows, prompt):
+        cons = AnswerConstraint(candidate_token_ids(rows, ex, tok, device), tok, max_new) if constrained else None
+        return ar_decode(model, prompt, max_new, tok.eos_token_id, cons, temperature)
+
+    return decode
+
+
+def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") -> float:
+    valid = ex.splits["valid"].select(range(min(n, len(ex.splits["valid"]))))
+    return evaluate(decode, valid, ex, profile.eval_batch, profile.device, desc="validating")["metrics"][metric]
+
+
+def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
+    """SFT of the AR re-ranker: ``reasoning`` (trace + answer) or ``direct`` (the answer alone)."""
+    tok = ex.tokenizer
+    train_ds = ex.splits["train"]
+    if variant == "direct":
+        train_ds = train_ds.remove_columns("completion_ids").rename_column("direct_ids", "completion_ids")
+    elif variant != "reasoning":
+        raise ValueError(f"unknown AR variant {variant!r}; valid: reasoning, direct")
+    max_pos = ex.fmt.prompt_len + max_completion_len(train_ds) + 64
+    model = build_model(profile.model, len(tok), max_pos, tok, seed=profile.seed).to(profile.device)
+    max_new = max_completion_len(train_ds) + 8
+    cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, batch_size=profile.batch_size,
+               lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer)
+    cfg.update(overrides)
+    hist = train(model, train_ds, tok, device=profile.device, seed=profile.seed, desc=f"AR SFT ({variant})",
+                 validate=lambda m: validation_score(ar_decoder(m, ex, max_new, False, profile.device), ex, profile),
+                 **cfg)
+    hist["parameters"] = n_parameters(model)
+    hist["max_new"] = max_new
+    return model, hist
+
+
+def get_ar(profile: Profile, ex, variant: str = "reasoning", rebuild: bool = False):
+    """Load the AR checkpoint of ``variant`` or train it. Returns (model, history)."""
+    stage = "ar" if variant == "reasoning" else "ar_direct"
+    d = art.stage_dir(profile, stage)
+    key = profile_hash(profile)
+    if not rebuild and (d / "model" / "meta.json").exists():
+        try:
+            model, _, meta = load_checkpoint(d / "model", ex.tokenizer, profile.device)
+            if meta.get("key") == key:
+                return model, meta.get("history", {})
+        except CheckpointError as exc:
+            print(f"rebuilding {stage}: {exc}")
+    model, hist = train_ar(profile, ex, variant)
+    save_checkpoint(model, ex.tokenizer, d / "model", {"key": key, "history": hist, "stage": stage})
+    return model, hist
+
+
+def evaluate_ar(profile: Profile, model, ex, stage: str, constrained: bool = False, reference: dict | None = None,
+                split: str = "test", max_new: int | None = None) -> dict:
+    max_new = max_new or ar_max_new(ex)
+    with art.Timer() as t:
+        scored = evaluate(ar_decoder(model, ex, max_new, constrained, profile.device), ex.splits[split], ex,
+                          profile.eval_batch, profile.device, desc=f"decoding {stage}")
+    extra = {"ci95": bootstrap_vs(scored, reference, profile.seed)} if reference else {}
+    extra["tokens_per_forward"] = scored["tokens_per_forward"]
+    rec = art.stage_record(stage, profile, scored, scored["n"], profile.device, t.s, extra, split)
+    if split == "test":
+        write_stage(profile, stage, rec)
+    return {"record": rec, "scored": scored}
+
+
+# ----------------------------------------------------------------------------------------------- diffusion
+def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | None = None, temperature: float = 0.0,
+                      assign: bool = False):
+    from .diffusion.sampler import diffusion_decode
+
+    tok = ex.tokenizer
+    B = block_size or profile.block_size
+    max_blocks = -(-ar_max_new(ex) // B)
+
+    def decode(rows, prompt):
+        res = diffusion_decode(model, prompt, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau,
+                               temperature=temperature)
+        out = res.as_dict()
+        if assign:
+            from .diffusion.assignment import assign_answer
+
+            out["tokens"] = assign_answer(model, prompt, res.tokens, candidate_token_ids(rows, ex, tok, prompt.device),
+                                          B, tok.mask_token_id, tok.convert_tokens_to_ids("<answer>"))
+        return out
+
+    return decode
+
+
+def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0, block_size: int | None = None,
+                       reference: dict | None = None, split: str = "test", assign: bool = False, write: bool = True,
+                       n: int | None = None) -> dict:
+    B = block_size or profile.block_size
+    ds = ex.splits[split]
+    if n is not None:
+        ds = ds.select(range(min(n, len(ds))))
+    with art.Timer() as t:
+        scored = evaluate(diffusion_decoder(model, ex, profile, tau, B, assign=assign), ds, ex, profile.eval_batch,
+                          profile.device, desc=f"decoding {stage} (B={B}, tau={tau})")
+    extra = {"block_size": B, "tau": tau, "tokens_per_forward": scored["tokens_per_forward"]}
+    if reference:
+        extra["ci95"] = bootstrap_vs(scored, reference, profile.seed)
+    rec = art.stage_record(stage, profile, scored, scored["n"], profile.device, t.s, extra, split)
+    if write and split == "test":
+        write_stage(profile, stage, rec)
+    return {"record": rec, "scored": scored}
+
+
+def cft_loss_fn(profile: Profile, ex, answer_mask_prob: float = 0.0, complementary: bool = True):
+    """The CFT objective as a ``loss_fn(model, batch)`` for :func:`ar.train` (optionally answer-aware)."""
+    from .diffusion.objective import masked_diffusion_loss
+
+    mask_id = ex.tokenizer.mask_token_id
+
+    def loss_fn(model, batch):
+        extra = None
+        if answer_mask_prob > 0:
+            rows = torch.rand(batch.completion.shape[0], device=batch.completion.device) < answer_mask_prob
+            extra = batch.is_answer & rows[:, None]
+        return masked_diffusion_loss(model, batch, profile.block_size, mask_id, complementary=complementary,
+                                     extra_mask=extra)
+
+    return loss_fn
+
+
+def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: float | None = None, **kw):
+    """Conversion fine-tuning from a copy of the AR weights. ``variant``: cft | plain | answer_aware."""
+    import copy
+
+    settings = {"cft": dict(answer_mask_prob=0.0, complementary=True, lambda_r=profile.lambda_reasoning),
+                "plain": dict(answer_mask_prob=0.0, complementary=False, lambda_r=profile.lambda_answer),
+                "answer_aware": dict(answer_mask_prob=0.3, complementary=True, lambda_r=profile.lambda_reasoning)}
+    if variant not in settings:
+        raise ValueError(f"unknown CFT variant {variant!r}; valid: {', '.join(settings)}")
+    s = settings[variant]
+    model = copy.deepcopy(ar_model).to(profile.device)
+    val_n = 128
+    hist = train(model, ex.splits["train"], ex.tokenizer,
+                 loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
+                 epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr), batch_size=profile.batch_size,
+                 lambda_r=s["lambda_r"], lambda_o=profile.lambda_answer, device=profile.device, seed=profile.seed,
+                 multiple_of=profile.block_size, desc=f"CFT ({variant})",
+                 validate=lambda m: validation_score(diffusion_decoder(m, ex, profile, 1.0), ex, profile, n=val_n))
+    return model, hist
+
+
+def get_stage_model(profile: Profile, ex, stage: str, build, rebuild: bool = False):
+    """Generic load-or-build for a checkpointed stage: ``build()`` returns (model, history)."""
+    d = art.stage_dir(profile, stage)
+    key = profile_hash(profile)
+    if not rebuild and (d / "model" / "meta.json").exists():
+        try:
+            model, _, meta = load_checkpoint(d / "model", ex.tokenizer, profile.device)
+            if meta.get("key") == key:
+                return model, meta.get("history", {})
+            print(f"{stage}: checkpoint built with other settings; rebuilding")
+        except CheckpointError as exc:
+            print(f"rebuilding {stage}: {exc}")
+    model, hist = build()
+    save_checkpoint(model, ex.tokenizer, d / "model", {"key": key, "history": hist, "stage": stage})
+    return model, hist
+
+
+def get_cft(profile: Profile, ex, ar_model, rebuild: bool = False):
+    return get_stage_model(profile, ex, "cft", lambda: train_cft(profile, ex, ar_model, "cft"), rebuild)
+
+
+def reference_scored(profile: Profile, model, ex) -> dict:
+    """The AR model's free decoding on the test split (the reference of every paired interval)."""
+    return evaluate_ar(profile, model, ex, "ar")["scored"]
