@@ -96,7 +96,7 @@ def train(model, train_ds, tokenizer, *, loss_fn=sft_loss, epochs: float, lr: fl
                 model.train()
                 history["val_step"].append(step)
                 history["val"].append(score)
-                if score > best:
+                if score >= best:          # ties go to the later (longer-trained) model
                     best = score
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         epoch += 1

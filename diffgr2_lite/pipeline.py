@@ -124,8 +124,13 @@ def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: 
 
 
 def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") -> float:
+    """Strict validation NDCG@3 (an invalid output counts as a miss).
+
+    Model selection uses the strict score: under the paper's fallback every all-invalid checkpoint scores exactly the
+    retriever floor, so early checkpoints that cannot yet write a ranking would tie with good ones.
+    """
     valid = ex.splits["valid"].select(range(min(n, len(ex.splits["valid"]))))
-    return evaluate(decode, valid, ex, profile.eval_batch, profile.device, desc="validating")["metrics"][metric]
+    return evaluate(decode, valid, ex, profile.eval_batch, profile.device, desc="validating")["metrics_strict"][metric]
 
 
 def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):

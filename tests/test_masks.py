@@ -1,6 +1,12 @@
 """Block-causal masks against double loops written straight from their definitions."""
 from __future__ import annotations
 
+import os
+
+# One BLAS thread: on a small shared CPU box OpenBLAS's spinning threads make numpy's eigh (semantic IDs) 20x
+# slower. Set before numpy is first imported (the first test module collected wins; it is a default only).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import itertools
 
 import pytest

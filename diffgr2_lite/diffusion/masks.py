@@ -39,6 +39,7 @@ def view_mask(prompt_len: int, completion_len: int, block_size: int, view_blocks
     * clean -> view: never.
     """
     L, B = prompt_len + completion_len, block_size
+    view_blocks = torch.as_tensor(view_blocks).cpu()
     V = len(view_blocks)
     ids = block_ids(prompt_len, completion_len, block_size)
     view_block_id = prompt_len + view_blocks.long()                         # block id of each view's block
@@ -53,6 +54,7 @@ def view_positions(prompt_len: int, completion_len: int, block_size: int, view_b
     """Absolute position ids of the clean sequence followed by the views (a view reuses its block's positions)."""
     clean = torch.arange(prompt_len + completion_len)
     offs = torch.arange(block_size)
+    view_blocks = torch.as_tensor(view_blocks).cpu()
     views = (prompt_len + view_blocks.long()[:, None] * block_size + offs[None, :]).flatten()
     return torch.cat([clean, views])
 

@@ -1,0 +1,223 @@
+"""Data: the synthetic generator, the leave-one-out protocol, cross-fitted candidates, semantic IDs, teacher traces,
+and profile look-up errors."""
+from __future__ import annotations
+
+import os
+
+# One BLAS thread: on a small shared CPU box OpenBLAS's spinning threads make numpy's eigh (semantic IDs) 20x
+# slower. Set before numpy is first imported (the first test module collected wins; it is a default only).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+
+from diffgr2_lite.config import PROFILES, ConfigError, get_profile
+from diffgr2_lite.data import examples as examples_mod
+from diffgr2_lite.data.examples import build_examples, leave_one_out, training_positions
+from diffgr2_lite.data.retriever import TransitionRetriever, user_folds
+from diffgr2_lite.data.synthetic import generate_synthetic
+from diffgr2_lite.text import EOS, UNK, encode, parse_ranking
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return get_profile("smoke", synthetic_users=300)
+
+
+@pytest.fixture(scope="module")
+def data(profile):
+    return generate_synthetic(profile.synthetic_users, profile.synthetic_items, seed=profile.seed)
+
+
+@pytest.fixture(scope="module")
+def ex(data, profile):
+    return build_examples(data, profile, progress=False)
+
+
+def full_history(ex, row, split):
+    """The user's whole history before the row's target, recomputed from the raw sequence."""
+    u = ex.data.user_ids.index(row["user"])
+    seq = ex.data.sequences[u]
+    if split == "train":
+        part = seq[:-2]
+        t = part.index(row["target"])
+        return u, part[:t]
+    if split == "valid":
+        assert row["target"] == seq[-2]
+        return u, seq[:-2]
+    assert row["target"] == seq[-1]
+    return u, seq[:-1]
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+def test_generate_synthetic_deterministic_by_seed():
+    a = generate_synthetic(120, 150, seed=3)
+    b = generate_synthetic(120, 150, seed=3)
+    c = generate_synthetic(120, 150, seed=4)
+    assert a.sequences == b.sequences and a.user_ids == b.user_ids
+    assert a.catalog.titles == b.catalog.titles and a.catalog.brands == b.catalog.brands
+    assert a.sequences != c.sequences
+
+
+def test_generate_synthetic_sequences(data):
+    n_items = len(data.catalog)
+    assert len(data.sequences) == len(data.user_ids) > 200
+    for seq in data.sequences:
+        assert len(seq) >= 5
+        assert len(set(seq)) == len(seq)                   # no repeats within a user
+        assert all(0 <= i < n_items for i in seq)
+    assert len(set(data.user_ids)) == len(data.user_ids)
+    s = data.stats()
+    assert s["min_length"] >= 5 and s["users"] == len(data.sequences)
+
+
+# ----------------------------------------------------------------------------------------------- protocol
+def test_leave_one_out_hand_case():
+    seqs = [[1, 2, 3, 4, 5], [7, 8, 9], [4, 6], [2]]
+    train, valid, test = leave_one_out(seqs)
+    assert train == [[1, 2, 3], [7], [4, 6], [2]]
+    assert valid == [(0, [1, 2, 3], 4), (1, [7], 8)]
+    assert test == [(0, [1, 2, 3, 4], 5), (1, [7, 8], 9)]
+    assert training_positions(train, 2) == [(0, [1, 2], 3), (0, [1], 2), (2, [4], 6)]
+    assert training_positions(train, 5) == [(0, [1, 2], 3), (0, [1], 2), (2, [4], 6)]
+    assert training_positions(train, 1) == [(0, [1, 2], 3), (2, [4], 6)]
+
+
+def test_leave_one_out_invariants(data):
+    train, valid, test = leave_one_out(data.sequences)
+    assert len(train) == len(data.sequences) == len(valid) == len(test)
+    valid_of = {u: t for u, _, t in valid}
+    test_of = {u: t for u, _, t in test}
+    for u, h, t in valid:
+        assert h + [t] == data.sequences[u][:-1]               # histories are prefixes
+    for u, h, t in test:
+        assert h + [t] == data.sequences[u]
+    k = 3
+    pos = training_positions(train, k)
+    count = {}
+    for u, h, t in pos:
+        count[u] = count.get(u, 0) + 1
+        part = train[u]
+        assert len(h) >= 1 and h + [t] == part[:len(h) + 1]   # a prefix of the training part
+        assert len(h) + 1 > len(part) - k                      # one of the last k positions
+        # no held-out target of this user in a training history or training target
+        assert valid_of[u] not in h + [t] and test_of[u] not in h + [t]
+    for u, part in enumerate(train):
+        assert valid_of[u] not in part and test_of[u] not in part
+        assert count.get(u, 0) == min(k, len(part) - 1)
+
+
+# ----------------------------------------------------------------------------------------------- examples
+def test_examples_candidates(ex, profile):
+    assert all(len(ex.splits[s]) > 0 for s in ("train", "valid", "test"))
+    for split in ("train", "valid", "test"):
+        for row in ex.splits[split]:
+            c = row["candidates"]
+            assert len(c) == profile.n_candidates == len(set(c)) == 10
+            assert c.count(row["target"]) == 1 and c[row["target_pos"]] == row["target"]
+            u, hist = full_history(ex, row, split)
+            assert not set(c) & set(hist)                       # never recommend what the user already bought
+            assert row["history"] == hist[-profile.history_len:]
+    assert len(ex.splits["valid"]) <= profile.max_eval and len(ex.splits["test"]) <= profile.max_eval
+
+
+def test_examples_prompts_and_completions(ex):
+    fmt = ex.fmt
+    unk = ex.tokenizer.convert_tokens_to_ids(UNK)
+    for split in ("train", "valid", "test"):
+        for row in ex.splits[split]:
+            (ids,) = encode(ex.tokenizer, [row["prompt"]])
+            assert len(ids) == fmt.prompt_len and unk not in ids
+            sids = ex.candidate_sids(row)
+            p = parse_ranking(row["completion"], sids)
+            assert p.valid and p.ranking == row["teacher_ranking"]
+            assert row["completion"].split()[-1] == EOS
+            d = parse_ranking(row["completion_direct"], sids)
+            assert d.valid and d.ranking == row["teacher_ranking"] and d.reasoning_tokens == 0
+            assert len(row["completion_direct"].split()) == fmt.answer_len
+            # every candidate is written in the prompt through its SID
+            words = row["prompt"].split()
+            for s in sids:
+                assert any(tuple(words[i:i + len(s)]) == s for i in range(len(words)))
+
+
+def test_rejection_sampled_training_completions_put_the_target_first(ex):
+    for row in ex.splits["train"]:
+        assert row["teacher_ranking"][0] == row["target_pos"]
+        p = parse_ranking(row["completion"], ex.candidate_sids(row))
+        assert p.ranking[0] == row["target_pos"]
+    # sanity of the comparison: the greedy evaluation rankings are blind to the target and miss it sometimes
+    assert any(r["teacher_ranking"][0] != r["target_pos"] for r in ex.splits["test"])
+    rej = ex.report["rejection"]
+    assert rej["kept"] == len(ex.splits["train"]) and 1 <= rej["mean_draws"] <= rej["tries"]
+
+
+def test_teacher_traces_are_longer_than_the_answer(ex):
+    for split in ("train", "test"):
+        for row in ex.splits[split]:
+            p = parse_ranking(row["completion"], ex.candidate_sids(row))
+            assert p.reasoning_tokens > p.answer_tokens == 10 * ex.sids.levels
+
+
+def test_semantic_ids_unique(ex):
+    codes = ex.sids.codes
+    assert ex.sids.uniqueness()["unique"] == 1.0
+    assert len({tuple(r) for r in codes}) == len(codes) == len(ex.data.catalog)
+    for level, size in enumerate(ex.sids.codebook_sizes):
+        assert codes[:, level].min() >= 0 and codes[:, level].max() < size
+    assert ex.sids.levels == len(get_profile("smoke").sid_levels) + 1
+    # every SID token is in the vocabulary
+    vocab = ex.tokenizer.get_vocab()
+    for item in range(0, len(codes), 7):
+        assert all(t in vocab for t in ex.sid_words(item))
+
+
+def test_cross_fitted_training_candidates(ex, profile):
+    data = ex.data
+    train_parts, _, _ = leave_one_out(data.sequences)
+    n_items = len(data.catalog)
+    folds = user_folds(len(train_parts), examples_mod.N_FOLDS, profile.seed)
+    assert sorted(np.bincount(folds).tolist())[-1] - sorted(np.bincount(folds).tolist())[0] <= 1
+    fold_retr = [TransitionRetriever(n_items).fit([p for p, f in zip(train_parts, folds) if f != j])
+                 for j in range(examples_mod.N_FOLDS)]
+    full = TransitionRetriever(n_items).fit(train_parts)
+    differs = 0
+    for row in ex.splits["train"]:
+        u, hist = full_history(ex, row, "train")
+        assert row["candidates"] == fold_retr[folds[u]].top_k(hist, 10)
+        differs += row["candidates"] != full.top_k(hist, 10)
+    assert differs > 0, "cross-fitting should change some candidate lists"
+    for split in ("valid", "test"):
+        for row in ex.splits[split]:
+            u, hist = full_history(ex, row, split)
+            assert row["candidates"] == full.top_k(hist, 10)
+
+
+def test_retriever_top_k_hand_case():
+    r = TransitionRetriever(5, window=1, history_items=1).fit([[0, 1], [0, 1], [0, 2], [3, 4]])
+    assert r.top_k([0], 2) == [1, 2]                     # 0 -> 1 twice, 0 -> 2 once
+    assert 0 not in r.top_k([0], 4)
+
+
+# ----------------------------------------------------------------------------------------------- profiles
+def test_get_profile_unknown_name_lists_valid_names():
+    with pytest.raises(ConfigError) as e:
+        get_profile("nope")
+    for name in PROFILES:
+        assert name in str(e.value)
+    assert "nope" in str(e.value)
+
+
+def test_get_profile_unknown_override_and_dataset():
+    with pytest.raises(ConfigError) as e:
+        get_profile("smoke", not_a_field=3)
+    assert "not_a_field" in str(e.value)
+    with pytest.raises(ConfigError):
+        get_profile("smoke", dataset="movielens")
+    assert isinstance(ConfigError("x"), ValueError)
+
+
+def test_get_profile_overrides_apply():
+    p = get_profile("smoke", synthetic_users=123, block_size=8)
+    assert p.synthetic_users == 123 and p.block_size == 8 and p.name == "smoke"
+    assert get_profile("smoke", dataset="amazon_beauty").dataset == "amazon_beauty"
