@@ -92,7 +92,7 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full", dataset="amazon_beauty", device="cuda",
         synthetic_users=20000, synthetic_items=1200, max_eval=2000, train_positions=50,
-        sid_levels=(64, 64), title_words=2,
+        sid_levels=(256, 64), title_words=2,
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
         ar_epochs=4.0, ar_lr=1e-3, cft_epochs=3.0, cft_lr=3e-4, batch_size=128, eval_batch=512,
         opd_steps=40, opd_prompts=64, opd_rollouts=4, opd_lr=5e-5,

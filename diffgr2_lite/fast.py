@@ -28,7 +28,6 @@ number of steps per block *is* the method), one small bool read per step.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
@@ -173,8 +172,8 @@ class _Decoder:
     def _prefill_logits(self, prompt: torch.Tensor) -> torch.Tensor:
         """Causal forward of the prompt written at 0..P-1; the logits of its last position (they predict token P)."""
         if tuple(prompt.shape) != (self.n, self.P):
-            raise ValueError(f"this decoder was built for prompts of shape {(self.n, self.P)}, got {tuple(prompt.shape)}"
-                             " (static shapes: build one decoder per batch size and prompt length)")
+            raise ValueError(f"this decoder was built for prompts of shape {(self.n, self.P)}, got "
+                             f"{tuple(prompt.shape)} (static shapes: one decoder per batch size and prompt length)")
         limit = torch.arange(1, self.P + 1, device=self.device)
         return self._forward(prompt.to(self.device), 0, limit, logits_to_keep=1)[:, -1]
 

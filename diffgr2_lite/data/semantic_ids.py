@@ -3,7 +3,13 @@
 An item's SID is a short tuple of codes, coarse to fine: items that share a prefix are alike in text (same category,
 same brand), so the model can generalise across items it rarely saw. Level 1 clusters the feature vectors; level 2
 clusters what level 1 left unexplained (the residual); the last level numbers the items that still collide
-(GR2 assigns that level at random; we number by popularity so it is deterministic).
+(GR2 assigns that level at random, and so do we, seeded).
+
+Why random and spread over the whole last codebook: if the last code were a rank (0 = the most popular item of its
+group), ``<c_0>`` would be by far the most frequent target token, and a small model learns to write that prior instead
+of copying the candidate's code from the prompt (we saw exactly that: valid rankings under 5%). Drawing each group's
+last codes at random from the full codebook makes every last-level token about equally frequent, so copying is the
+only way to get it right.
 """
 from __future__ import annotations
 
@@ -82,12 +88,12 @@ class SemanticIds:
         full = {tuple(r) for r in self.codes}
         return {"items": n, "semantic_prefixes": len(semantic),
                 "unique_before_last_level": len(semantic) / n, "unique": len(full) / n,
-                "max_collision": int(self.codebook_sizes[-1])}
+                "last_level_codebook": int(self.codebook_sizes[-1])}
 
 
 def build_semantic_ids(catalog: Catalog, levels: tuple[int, ...] = (32, 32), popularity: np.ndarray | None = None,
                        seed: int = 0) -> SemanticIds:
-    """Residual k-means with the given codebook sizes, then a unique last level (collisions numbered by popularity)."""
+    """Residual k-means with the given codebook sizes, then a unique last level (random distinct codes per group)."""
     x = item_features(catalog, seed=seed)
     residual = x.copy()
     codes = []
@@ -96,15 +102,14 @@ def build_semantic_ids(catalog: Catalog, levels: tuple[int, ...] = (32, 32), pop
         codes.append(assign)
         residual = residual - centers[assign]
     codes = np.stack(codes, 1)
-    pop = popularity if popularity is not None else np.zeros(len(x))
-    last = np.zeros(len(x), dtype=np.int64)
+    rng = np.random.default_rng(seed)
     groups: dict[tuple, list[int]] = {}
     for i, prefix in enumerate(map(tuple, codes)):
         groups.setdefault(prefix, []).append(i)
+    last_size = 1 << max(0, (max(len(m) for m in groups.values()) - 1).bit_length())   # a power of two >= largest group
+    last = np.zeros(len(x), dtype=np.int64)
     for members in groups.values():
-        for rank, i in enumerate(sorted(members, key=lambda i: (-pop[i], i))):
-            last[i] = rank
+        last[members] = rng.choice(last_size, size=len(members), replace=False)
     codes = np.concatenate([codes, last[:, None]], 1)
-    sizes = tuple(int(codes[:, j].max()) + 1 for j in range(codes.shape[1]))
-    sizes = tuple(max(s, k) for s, k in zip(sizes, (*levels, 0)))
+    sizes = (*[int(k) for k in levels], int(last_size))
     return SemanticIds(codes=codes, codebook_sizes=sizes)
