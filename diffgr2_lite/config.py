@@ -44,7 +44,8 @@ class Profile:
     teacher_tries: int = 8            # rejection sampling: draws per training example
     # model
     model: ModelSize = field(default_factory=lambda: ModelSize(64, 2, 4, 128))
-    # AR SFT
+    # AR SFT (after a short SID-copying warm-up, see pipeline.copy_warmup_split)
+    copy_epochs: float = 1.0
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
     batch_size: int = 32

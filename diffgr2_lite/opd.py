@@ -125,7 +125,7 @@ def divergence_per_position(t_logp: torch.Tensor, s_logp: torch.Tensor, divergen
 
 def opd_loss(student, teacher, prompt: torch.Tensor, decode_result: DecodeResult, block_size: int, mask_id: int,
              divergence: str = "forward", student_view: str = "replay", *, eos_id: int | None = None,
-             fill: str = "eos", normalizer: float | None = None, max_views_per_chunk: int = 64
+             fill: str = "eos", normalizer: float | None = None, max_views_per_chunk: int | None = None
              ) -> tuple[torch.Tensor, dict]:
     """The OPD loss of a batch of student rollouts, and statistics.
 
@@ -170,7 +170,7 @@ def opd_loss(student, teacher, prompt: torch.Tensor, decode_result: DecodeResult
 def train_opd(student, teacher, train_ds, example_set, *, steps: int, prompts: int, rollouts: int, lr: float,
               tau: float, block_size: int, device, seed: int = 0, temperature: float = 1.0,
               divergence: str = "forward", student_view: str = "replay", fill: str = "eos",
-              max_blocks: int | None = None, micro_batch: int = 16, max_views_per_chunk: int = 64,
+              max_blocks: int | None = None, micro_batch: int = 16, max_views_per_chunk: int | None = None,
               weight_decay: float = 0.0, validate=None, validate_every: int | None = None, keep_best: bool = False,
               desc: str = "OPD") -> dict:
     """On-policy distillation of ``student`` (block diffusion, from CFT) towards the frozen AR ``teacher``.

@@ -27,7 +27,7 @@ STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 
 def profile_hash(profile: Profile, *fields: str) -> str:
@@ -133,8 +133,35 @@ def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") 
     return evaluate(decode, valid, ex, profile.eval_batch, profile.device, desc="validating")["metrics_strict"][metric]
 
 
+def copy_warmup_split(ex, seed: int):
+    """Mid-training data: each training prompt with the answer alone, its candidates in a *random* order.
+
+    GR2 mid-trains its backbone on semantic IDs before SFT. Our model starts from scratch, and what it most needs
+    first is to copy a candidate's SID tokens from the prompt into the answer. With the real targets a small model
+    finds a shortcut (write the SID of a popular item it memorised); with random orders copying is the only way to
+    lower the loss, so the skill is learnt quickly and SFT then only has to learn *which* order.
+    """
+    from .text import build_answer
+
+    rng = np.random.default_rng(seed)
+    tok = ex.tokenizer
+    train = ex.splits["train"]
+
+    def fn(batch):
+        out = []
+        for cands in batch["candidates"]:
+            sids = [ex.sid_words(c) for c in cands]
+            out.append(tok.convert_tokens_to_ids(build_answer([sids[i] for i in rng.permutation(len(sids))]).split()))
+        return {"completion_ids": out}
+
+    return train.map(fn, batched=True, desc="copy warm-up data")
+
+
 def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
-    """SFT of the AR re-ranker: ``reasoning`` (trace + answer) or ``direct`` (the answer alone)."""
+    """SFT of the AR re-ranker: ``reasoning`` (trace + answer) or ``direct`` (the answer alone).
+
+    Both variants start with the same short SID-copying warm-up (:func:`copy_warmup_split`).
+    """
     tok = ex.tokenizer
     train_ds = ex.splits["train"]
     if variant == "direct":
@@ -147,11 +174,18 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, batch_size=profile.batch_size,
                lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer)
     cfg.update(overrides)
+    warm = None
+    if profile.copy_epochs > 0:
+        warm = train(model, copy_warmup_split(ex, profile.seed), tok, device=profile.device, seed=profile.seed,
+                     desc="SID copy warm-up", epochs=profile.copy_epochs, lr=cfg["lr"], batch_size=cfg["batch_size"],
+                     lambda_r=1.0, lambda_o=1.0)
     hist = train(model, train_ds, tok, device=profile.device, seed=profile.seed, desc=f"AR SFT ({variant})",
                  validate=lambda m: validation_score(ar_decoder(m, ex, max_new, False, profile.device), ex, profile),
                  **cfg)
     hist["parameters"] = n_parameters(model)
     hist["max_new"] = max_new
+    if warm is not None:
+        hist["warmup_loss"] = warm["loss"]
     return model, hist
 
 

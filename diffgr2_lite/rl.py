@@ -100,9 +100,9 @@ def default_reward_fn(format_weight: float = 0.2, conditional: bool = True):
 def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: int, lr: float, clip: float,
              tau: float, block_size: int, device, seed: int = 0, conditional: bool = True, temperature: float = 1.0,
              format_weight: float = 0.2, clip_high: float | None = None, inner_epochs: int = 1,
-             reward_fn=None, max_blocks: int | None = None, micro_batch: int = 16, max_views_per_chunk: int = 64,
-             weight_decay: float = 0.0, validate=None, validate_every: int | None = None, keep_best: bool = False,
-             desc: str = "RL") -> dict:
+             reward_fn=None, max_blocks: int | None = None, micro_batch: int = 16,
+             max_views_per_chunk: int | None = None, weight_decay: float = 0.0, validate=None,
+             validate_every: int | None = None, keep_best: bool = False, desc: str = "RL") -> dict:
     """Group-relative PPO of the block-diffusion ``policy`` against the re-ranking reward.
 
     ``reward_fn(parsed, row, token_ids) -> float`` overrides the reward (``token_ids``: the completion up to and

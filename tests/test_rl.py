@@ -10,7 +10,8 @@ import torch
 from diffgr2_lite.rl import copy_rate, group_advantages, ppo_token_loss, reward, train_rl
 from diffgr2_lite.text import SPECIAL_TOKENS, ParsedRanking, build_answer, make_tokenizer, parse_ranking, sid_tokens
 
-VOCAB = SPECIAL_TOKENS + [f"<a_{i}>" for i in range(10)] + [f"<b_{i}>" for i in range(10)] + [f"w{i}" for i in range(10)]
+VOCAB = (SPECIAL_TOKENS + [f"<a_{i}>" for i in range(10)] + [f"<b_{i}>" for i in range(10)]
+         + [f"w{i}" for i in range(10)])
 CANDS = [sid_tokens((i, i)) for i in range(10)]
 
 

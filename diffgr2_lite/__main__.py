@@ -1,0 +1,151 @@
+"""Command line: ``python -m diffgr2_lite <verb>``.
+
+    notebooks       run the notebook series headlessly with papermill into runs/<profile>/notebooks/
+    results         copy runs/<profile>/<stage>/metrics.json into results/<profile>/ and regenerate the README table
+    download-amazon fetch the canonical Amazon Beauty files (reviews_Beauty_5.json.gz, meta_Beauty.json.gz)
+    bench           the AR vs block-diffusion speed benchmark on the profile's checkpoints
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import artifacts as art
+from .config import PROFILES, ConfigError, get_profile
+
+NOTEBOOK_DIR = art.REPO / "notebooks"
+RESULT_STAGES = ("retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained", "cft",
+                 "opd", "rl")
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def run_notebooks(profile_name: str, only: list[str] | None = None, out_dir: str | None = None) -> Path:
+    import os
+
+    import papermill as pm
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    profile = get_profile(profile_name)
+    out = Path(out_dir) if out_dir else art.runs_dir(profile.name) / "notebooks"
+    out.mkdir(parents=True, exist_ok=True)
+    notebooks = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        unknown = [o for o in only if not any(nb.stem.startswith(o) for nb in notebooks)]
+        if unknown:
+            raise ConfigError(f"no notebook matches {unknown}; notebooks: {', '.join(nb.stem for nb in notebooks)}")
+        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in only)]
+    for nb in notebooks:
+        t0 = time.time()
+        print(f"== {nb.name} (profile {profile.name})", flush=True)
+        pm.execute_notebook(str(nb), str(out / nb.name), parameters={"profile": profile.name},
+                            kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
+        print(f"   done in {time.time() - t0:.0f} s", flush=True)
+    print(f"\nexecuted notebooks: {out}\nstage artifacts and metrics: {art.runs_dir(profile.name)}")
+    return out
+
+
+def collect_results(profile_name: str) -> Path:
+    """results/<profile>/<stage>.json from the saved run outputs, then the README table generated from them."""
+    src = art.runs_dir(profile_name)
+    dst = art.REPO / "results" / profile_name
+    dst.mkdir(parents=True, exist_ok=True)
+    found = []
+    for stage in (*RESULT_STAGES, "speed"):
+        f = src / stage / "metrics.json"
+        if f.exists():
+            shutil.copyfile(f, dst / f"{stage}.json")
+            found.append(stage)
+    print(f"copied {len(found)} stage files into {dst}: {', '.join(found) or 'none'}")
+    update_readme(dst)
+    return dst
+
+
+def results_table(result_dir: Path) -> str:
+    """The markdown table of every stage found in ``result_dir`` (generated, never typed by hand)."""
+    rows, meta = [], None
+    names = {"retriever": "retriever order (floor)", "teacher": "programmatic teacher", "ar_direct": "AR, no reasoning",
+             "ar": "AR GR2 (free decoding)", "ar_constrained": "AR GR2 (constrained decoding)",
+             "naive": "naive conversion", "naive_constrained": "naive + external assignment",
+             "cft": "+ CFT", "opd": "+ CFT + OPD", "rl": "+ CFT + OPD + RL"}
+    for stage in RESULT_STAGES:
+        f = result_dir / f"{stage}.json"
+        if not f.exists():
+            continue
+        r = art.read_json(f)
+        meta = meta or r
+        m, ms = r["metrics"], r["metrics_strict"]
+        ci = r.get("ci95", {}).get("recall@1")
+        ci_s = f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]" if ci else ""
+        tau = f"B={r['block_size']}, tau={r['tau']}" if "block_size" in r else ""
+        rows.append(f"| {names[stage]} | {m['recall@1']:.4f} | {m['recall@3']:.4f} | {m['ndcg@3']:.4f} | "
+                    f"{ms['recall@1']:.4f} | {m['valid_rate']:.3f} | {ci_s} | {tau} |")
+    if not rows:
+        return "_No results yet: run the full profile on a GPU, then `make results`._"
+    head = (f"Test users: {meta['n_eval']} ({meta['dataset']}, profile `{meta['profile']}`, device {meta['device']}, "
+            f"seed {meta['seed']}, {meta['created']}).\n\n"
+            "| system | R@1 | R@3 | NDCG@3 | strict R@1 | valid | R@1 vs AR, 95% paired bootstrap | decoder |\n"
+            "|---|---|---|---|---|---|---|---|")
+    speed = result_dir / "speed.json"
+    tail = ""
+    if speed.exists():
+        s = art.read_json(speed)
+        tail = "\n\nSpeed (" + s["device"] + "):\n\n| decoder | batch | B | tau | tokens/s | tokens/forward | speedup | R@1 | valid |\n|---|---|---|---|---|---|---|---|---|\n"
+        tail += "\n".join(f"| {r['decoder']} | {r['batch']} | {r['block_size']} | {r['tau']} | {r['tokens_per_s']:.0f} | "
+                          f"{r['tokens_per_forward']:.2f} | {r.get('speedup_vs_ar', 1.0):.2f}x | {r['recall@1']:.4f} | "
+                          f"{r['valid_rate']:.3f} |" for r in s["rows"])
+    return head + "\n" + "\n".join(rows) + tail
+
+
+def update_readme(result_dir: Path) -> None:
+    readme = art.REPO / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        print("README has no results markers; table not written")
+        return
+    a, b = text.index(README_START) + len(README_START), text.index(README_END)
+    art.atomic_write_text(readme, text[:a] + "\n" + results_table(result_dir) + "\n" + text[b:])
+    print("README results table regenerated")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m diffgr2_lite", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="verb", required=True)
+    nb = sub.add_parser("notebooks", help="run the notebook series with papermill")
+    nb.add_argument("--profile", default=None, help=f"one of {', '.join(PROFILES)} (default: $DIFFGR2_PROFILE or auto)")
+    nb.add_argument("--only", nargs="*", help="notebook number prefixes, e.g. 00 01")
+    nb.add_argument("--out", default=None)
+    rs = sub.add_parser("results", help="collect results/<profile>/ and regenerate the README table")
+    rs.add_argument("--profile", default="full")
+    dl = sub.add_parser("download-amazon", help="download the canonical Amazon Beauty files")
+    dl.add_argument("--dest", default=str(art.REPO / "data" / "amazon_beauty"))
+    dl.add_argument("--force", action="store_true")
+    bn = sub.add_parser("bench", help="speed benchmark (GPU)")
+    bn.add_argument("--profile", default=None)
+    args = ap.parse_args(argv)
+    try:
+        if args.verb == "notebooks":
+            run_notebooks(args.profile or get_profile().name, args.only, args.out)
+        elif args.verb == "results":
+            if args.profile not in PROFILES:
+                raise ConfigError(f"unknown profile {args.profile!r}; valid profiles: {', '.join(PROFILES)}")
+            collect_results(args.profile)
+        elif args.verb == "download-amazon":
+            from .data.amazon import download_amazon_beauty
+
+            download_amazon_beauty(args.dest, force=args.force)
+        elif args.verb == "bench":
+            run_notebooks(args.profile or get_profile().name, ["08"])
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
