@@ -201,13 +201,14 @@ def make_scorer(rows, example_set):
 # ----------------------------------------------------------------------------------------------- the benchmark
 @torch.no_grad()
 def benchmark(model, prompts: torch.Tensor, rows, example_set, cfg, *, max_new: int | None = None, timer=None,
-              ar_cls=FastARDecoder, diffusion_cls=FastDiffusionDecoder, log=print) -> list[dict]:
+              ar_cls=FastARDecoder, diffusion_cls=FastDiffusionDecoder, log=print, ar_model=None) -> list[dict]:
     """Rows of ``speed.json``: AR and diffusion (every tau x block size) at every batch size of ``cfg``.
 
     ``model`` should already be the timing copy (:func:`fast.speed_model`: bf16 on GPU); ``prompts`` [N, P] are the
     fixed-length prompts of ``rows`` (dicts with ``candidates`` and ``target_pos``), in the same order. ``cfg`` is a
     :class:`BenchConfig`, a dict of its fields, or a profile (then ``max_new`` is required). ``ar_cls`` and
-    ``diffusion_cls`` exist so tests can swap in stubs.
+    ``diffusion_cls`` exist so tests can swap in stubs. ``ar_model`` (default: ``model``) decodes the AR rows: the
+    AR GR2 checkpoint against the final block-diffusion one, same architecture and size.
     """
     cfg = _as_config(cfg, max_new)
     device = next(model.parameters()).device
@@ -227,7 +228,8 @@ def benchmark(model, prompts: torch.Tensor, rows, example_set, cfg, *, max_new: 
 
     for batch in cfg.batches:
         groups = _groups(N, batch, cfg.n_single)
-        ar = ar_cls(model, batch, P, cfg.max_new, eos_id, graphs=cfg.graphs, check_every=cfg.check_every)
+        ar = ar_cls(ar_model if ar_model is not None else model, batch, P, cfg.max_new, eos_id, graphs=cfg.graphs,
+                    check_every=cfg.check_every)
         m = measure_setting(ar.decode, prompts, groups, eos_id, 1, cfg.repeats, cfg.warmup, timer, device, score)
         del ar
         ar_row = row("ar", batch, 1, None, m)

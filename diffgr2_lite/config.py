@@ -56,7 +56,11 @@ class Profile:
     block_size: int = 32
     cft_epochs: float = 1.0
     cft_lr: float = 5e-4
+    cft_ablation_epochs: float = 0.5  # CFT variants compared in notebook 05 (shorter than the main run)
+    sweep_n: int = 48                 # test users per point of the tau / block-size sweeps (notebook 04)
     # OPD
+    opd_tau: float = 0.9              # the threshold rollouts are decoded with (OPD and RL)
+    opd_ablation_steps: int = 2
     opd_steps: int = 10
     opd_prompts: int = 8
     opd_rollouts: int = 2
@@ -67,6 +71,7 @@ class Profile:
     rl_group: int = 4
     rl_lr: float = 5e-5
     rl_clip: float = 0.2
+    rl_hack_steps: int = 2            # the short unconditional-format run that shows order copying
     # speed benchmark
     bench_prompts: int = 8
     bench_batches: tuple[int, ...] = (1, 8)
@@ -86,7 +91,8 @@ PROFILES: dict[str, Profile] = {
         synthetic_users=600, synthetic_items=240, max_eval=48, train_positions=2,
         model=ModelSize(hidden=64, layers=2, heads=4, intermediate=128),
         ar_epochs=1.0, cft_epochs=1.0, batch_size=32, eval_batch=48,
-        opd_steps=2, opd_prompts=4, opd_rollouts=2, rl_steps=2, rl_prompts=4, rl_group=4,
+        opd_steps=2, opd_prompts=4, opd_rollouts=2, rl_steps=2, rl_prompts=4, rl_group=4, opd_ablation_steps=1,
+        rl_hack_steps=1, cft_ablation_epochs=0.3, copy_epochs=0.5,
         bench_prompts=4, bench_batches=(1, 4), bench_taus=(1.0, 0.6), bench_repeats=1,
         sweep_taus=(1.0, 0.5), sweep_block_sizes=(32,),
     ),
@@ -95,11 +101,12 @@ PROFILES: dict[str, Profile] = {
         synthetic_users=20000, synthetic_items=1200, max_eval=2000, train_positions=50,
         sid_levels=(256, 64), title_words=2,
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
-        ar_epochs=4.0, ar_lr=1e-3, cft_epochs=3.0, cft_lr=3e-4, batch_size=128, eval_batch=512,
-        opd_steps=40, opd_prompts=64, opd_rollouts=4, opd_lr=5e-5,
-        rl_steps=40, rl_prompts=32, rl_group=8, rl_lr=2e-5,
+        copy_epochs=1.0, ar_epochs=9.0, ar_lr=1e-3, cft_epochs=2.0, cft_lr=3e-4, batch_size=128, eval_batch=512,
+        cft_ablation_epochs=0.5, sweep_n=256,
+        opd_steps=12, opd_prompts=32, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=4,
+        rl_steps=12, rl_prompts=16, rl_group=4, rl_lr=1e-5, rl_hack_steps=6,
         bench_prompts=64, bench_batches=(1, 64), bench_repeats=3,
-        bench_block_sizes=(16, 32), sweep_taus=(1.0, 0.9, 0.6, 0.4), sweep_block_sizes=(8, 16, 32),
+        bench_block_sizes=(32,), sweep_taus=(1.0, 0.7, 0.4), sweep_block_sizes=(8, 32),
     ),
 }
 

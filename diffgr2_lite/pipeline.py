@@ -324,3 +324,69 @@ def get_cft(profile: Profile, ex, ar_model, rebuild: bool = False):
 def reference_scored(profile: Profile, model, ex) -> dict:
     """The AR model's free decoding on the test split (the reference of every paired interval)."""
     return evaluate_ar(profile, model, ex, "ar")["scored"]
+
+
+def diffusion_validate(profile: Profile, ex, n: int = 128, tau: float = 1.0):
+    """Strict validation NDCG@3 of a block-diffusion model decoded with the plain sampler."""
+    return lambda m: validation_score(diffusion_decoder(m, ex, profile, tau), ex, profile, n=n)
+
+
+def continue_cft(profile: Profile, ex, model, steps: int, desc: str = "CFT (continued, off-policy control)"):
+    """More CFT steps on the fixed teacher trajectories: the off-policy control OPD is compared with."""
+    import copy
+
+    model = copy.deepcopy(model)
+    epochs = steps * profile.batch_size / len(ex.splits["train"])
+    hist = train(model, ex.splits["train"], ex.tokenizer, loss_fn=cft_loss_fn(profile, ex), epochs=epochs,
+                 lr=profile.opd_lr, batch_size=profile.batch_size, lambda_r=profile.lambda_reasoning,
+                 lambda_o=profile.lambda_answer, device=profile.device, seed=profile.seed + 7,
+                 multiple_of=profile.block_size, desc=desc)
+    return model, hist
+
+
+def train_opd_stage(profile: Profile, ex, student, teacher, steps: int | None = None, **kw):
+    """On-policy distillation from a copy of ``student`` towards the frozen AR ``teacher``."""
+    import copy
+
+    from .opd import train_opd
+
+    student = copy.deepcopy(student)
+    cfg = dict(steps=steps or profile.opd_steps, prompts=profile.opd_prompts, rollouts=profile.opd_rollouts,
+               lr=profile.opd_lr, tau=profile.opd_tau, block_size=profile.block_size, device=profile.device,
+               seed=profile.seed, validate=diffusion_validate(profile, ex), keep_best=True)
+    cfg.update(kw)
+    hist = train_opd(student, teacher, ex.splits["train"], ex, **cfg)
+    return student, hist
+
+
+def get_opd(profile: Profile, ex, cft_model, teacher, rebuild: bool = False):
+    return get_stage_model(profile, ex, "opd", lambda: train_opd_stage(profile, ex, cft_model, teacher), rebuild)
+
+
+def train_rl_stage(profile: Profile, ex, policy, steps: int | None = None, conditional: bool = True, **kw):
+    """Group-relative policy optimisation of a copy of ``policy`` against the re-ranking reward."""
+    import copy
+
+    from .rl import train_rl
+
+    policy = copy.deepcopy(policy)
+    cfg = dict(steps=steps or profile.rl_steps, prompts=profile.rl_prompts, group=profile.rl_group, lr=profile.rl_lr,
+               clip=profile.rl_clip, tau=profile.opd_tau, block_size=profile.block_size, device=profile.device,
+               seed=profile.seed, conditional=conditional, validate=diffusion_validate(profile, ex), keep_best=True)
+    cfg.update(kw)
+    hist = train_rl(policy, ex.splits["train"], ex, **cfg)
+    return policy, hist
+
+
+def get_rl(profile: Profile, ex, opd_model, rebuild: bool = False):
+    return get_stage_model(profile, ex, "rl", lambda: train_rl_stage(profile, ex, opd_model), rebuild)
+
+
+def load_stage_records(profile: Profile) -> dict:
+    """Every stage's saved metrics.json of this profile (for the final table)."""
+    out = {}
+    for stage in STAGES:
+        f = art.stage_dir(profile, stage) / "metrics.json"
+        if f.exists():
+            out[stage] = art.read_json(f)
+    return out

@@ -66,7 +66,7 @@ def commit_rule(conf: torch.Tensor, committed: torch.Tensor, tau: float) -> torc
 
     Rows with nothing left to commit commit nothing.
     """
-    conf = conf.masked_fill(committed, -1.0)
+    conf = torch.nan_to_num(conf, nan=-1.0).masked_fill(committed, -2.0)   # an open position always beats a done one
     commit = (conf >= tau) & ~committed
     best = conf.argmax(-1, keepdim=True)
     has_open = (~committed).any(-1, keepdim=True)
