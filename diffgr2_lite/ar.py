@@ -141,10 +141,12 @@ class AnswerConstraint:
         allowed[closing, self.end_id] = True
         allowed[self.phase >= 2, self.eos_id] = True
         free = self.phase == 0
-        if self.budget - self.t <= self.answer_len:                             # too little room left: answer now
+        if self.budget - self.t <= self.answer_len + 1:                         # too little room left: answer now
             allowed[free, self.answer_id] = True
             free = torch.zeros_like(free)
         allowed[free] = True
+        allowed[free, self.eos_id] = False                                      # no ending before an answer
+        allowed[free, self.end_id] = False
         return logits.masked_fill(~allowed, float("-inf"))
 
     def update(self, tok: torch.Tensor) -> None:

@@ -64,7 +64,8 @@ def bootstrap_vs(scored: dict, reference: dict, seed: int = 0) -> dict:
     """Paired bootstrap intervals of recall@1 and ndcg@3 differences (this system minus the reference)."""
     from .metrics import paired_bootstrap
 
-    return {k: paired_bootstrap(scored["_per"][k], reference["_per"][k], seed=seed) for k in ("recall@1", "ndcg@3")}
+    n = len(scored["_per"]["recall@1"])      # a system evaluated on the first n users is compared on those users
+    return {k: paired_bootstrap(scored["_per"][k], reference["_per"][k][:n], seed=seed) for k in ("recall@1", "ndcg@3")}
 
 
 def per_example_array(scored: dict, key: str) -> np.ndarray:

@@ -27,7 +27,7 @@ STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
-DATA_VERSION = 3
+DATA_VERSION = 4
 
 
 def profile_hash(profile: Profile, *fields: str) -> str:
@@ -314,7 +314,7 @@ def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0
         seconds = t.s
     extra = {"block_size": B, "tau": tau, "tokens_per_forward": scored["tokens_per_forward"]}
     if reference:
-        extra["ci95"] = bootstrap_vs(scored, reference, profile.seed)
+        extra["ci95"] = bootstrap_vs(scored, reference, profile.seed)   # on the first n users when n is given
     rec = art.stage_record(stage, profile, scored, scored["n"], profile.device, seconds, extra, split)
     if write and split == "test" and n is None:
         write_stage(profile, stage, rec)

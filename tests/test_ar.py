@@ -118,9 +118,6 @@ def test_constraint_with_ar_decode_on_a_model(tok, model):
     assert n_ans >= 3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AnswerConstraint leaves <eos> (and </answer>) allowed before <answer>, "
-                                       "so a constrained row can end with no answer at all (ar.py, mask(): "
-                                       "allowed[free] = True)")
 def test_constraint_output_is_always_a_valid_permutation(tok):
     """The module docstring: in constrained mode the answer is *forced* to be a permutation of the candidates."""
     rng = random.Random(2)
@@ -147,9 +144,6 @@ def test_constraint_forces_the_answer_when_the_budget_runs_short(tok):
         assert a >= budget - 10 * 3 - 3                                   # the free part lasted as long as it could
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: off by one in AnswerConstraint.mask: `budget - t <= answer_len` forces "
-                                       "<answer> with only answer_len slots left, <answer> included, so the forced "
-                                       "answer's <eos> never fits in the budget")
 def test_forced_answer_ends_with_eos_within_the_budget(tok):
     rng = random.Random(3)
     cands = random_candidates(rng, 4)

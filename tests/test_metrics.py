@@ -55,8 +55,8 @@ def test_score_parses_paper_vs_strict():
     parses = [
         parsed([2, 0, 1, 3, 4, 5, 6, 7, 8, 9], True, reasoning_tokens=10, answer_tokens=30),   # target 2 at rank 1
         parsed([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], True, reasoning_tokens=20, answer_tokens=30),   # target 1 at rank 2
-        parsed(fallback, False, duplicate=True, dropped=True, answer_tokens=30),             # target 0: rank 1 by fallback
-        parsed(fallback, False, malformed=True),                                             # target 5: rank 6 by fallback
+        parsed(fallback, False, duplicate=True, dropped=True, answer_tokens=30),   # target 0: rank 1 (fallback)
+        parsed(fallback, False, malformed=True),                                   # target 5: rank 6 (fallback)
     ]
     target = [2, 1, 0, 5]
     s = score_parses(parses, target)

@@ -174,7 +174,7 @@ def test_loss_with_extra_mask_matches_a_per_view_loop(tok, model):
 
 def test_loss_hand_case_with_known_logits(tok, model):
     """Swap the output layer for one with known logits (all zero): every scored token then costs log(V) whatever its
-    weight, so the weighted mean is exactly log(V) (a normalisation by the count instead of the weights would not be)."""
+    weight, so the weighted mean is exactly log(V) (a normalisation by the count, not the weights, would not be)."""
     B = 4
     batch = batch_of(tok, B)
     V = len(tok.get_vocab())

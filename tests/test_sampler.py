@@ -68,6 +68,50 @@ def finished_before(tokens: torch.Tensor, B: int) -> torch.Tensor:
     return torch.cat([torch.zeros(n, 1, dtype=torch.bool), has_eos.cumsum(1)[:, :-1] > 0], 1)
 
 
+# ----------------------------------------------------------------------------------------------- (d) commit rule
+# First in the file: a rule that can commit nothing makes every decode below loop forever (with -x this fails first).
+def test_commit_rule_property():
+    g = torch.Generator().manual_seed(0)
+    for case in range(400):
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        B = int(torch.randint(1, 9, (1,), generator=g))
+        conf = torch.rand(n, B, generator=g)
+        committed = torch.rand(n, B, generator=g) < float(torch.rand(1, generator=g))
+        tau = float(torch.rand(1, generator=g)) * 1.2 - 0.1
+        before = committed.clone()
+        got = commit_rule(conf.clone(), committed, tau)
+        assert torch.equal(committed, before), "commit_rule must not modify its inputs"
+        assert got.dtype == torch.bool and got.shape == (n, B)
+        for r in range(n):
+            open_ = ~committed[r]
+            assert not (got[r] & committed[r]).any(), "never recommit"
+            if open_.any():
+                assert got[r].sum() >= 1
+                # reference: all open positions >= tau, plus the most confident open one
+                expected = open_ & (conf[r] >= tau)
+                masked = torch.where(open_, conf[r], torch.full_like(conf[r], -1.0))
+                expected[int(masked.argmax())] = True
+                assert torch.equal(got[r], expected), (case, r, conf[r], committed[r], tau, got[r])
+            else:
+                assert not got[r].any()
+
+
+def test_commit_rule_hand_case():
+    conf = torch.tensor([[0.1, 0.95, 0.3, 0.92],     # two above tau
+                         [0.1, 0.20, 0.3, 0.05],     # none above tau: only the best (0.3)
+                         [0.9, 0.99, 0.1, 0.20],     # best (0.99) already committed: next best open one (0.2)
+                         [0.5, 0.50, 0.5, 0.50]])    # all committed
+    committed = torch.tensor([[False, False, False, False],
+                              [False, False, False, False],
+                              [True, True, False, False],
+                              [True, True, True, True]])
+    got = commit_rule(conf, committed, 0.9)
+    assert got.tolist() == [[False, True, False, True],
+                            [False, False, True, False],
+                            [False, False, False, True],
+                            [False, False, False, False]]
+
+
 # ----------------------------------------------------------------------------------------------- (a) B = 1 is AR
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -120,49 +164,6 @@ def test_fused_equals_unfused(model, prompt, use_cache, B, tau):
     loop_iters = int(f.steps.max(0).values.sum())
     assert f.forwards == loop_iters
     assert u.forwards == loop_iters + nb - 1
-
-
-# ----------------------------------------------------------------------------------------------- (d) commit rule
-def test_commit_rule_property():
-    g = torch.Generator().manual_seed(0)
-    for case in range(400):
-        n = int(torch.randint(1, 6, (1,), generator=g))
-        B = int(torch.randint(1, 9, (1,), generator=g))
-        conf = torch.rand(n, B, generator=g)
-        committed = torch.rand(n, B, generator=g) < float(torch.rand(1, generator=g))
-        tau = float(torch.rand(1, generator=g)) * 1.2 - 0.1
-        before = committed.clone()
-        got = commit_rule(conf.clone(), committed, tau)
-        assert torch.equal(committed, before), "commit_rule must not modify its inputs"
-        assert got.dtype == torch.bool and got.shape == (n, B)
-        for r in range(n):
-            open_ = ~committed[r]
-            assert not (got[r] & committed[r]).any(), "never recommit"
-            if open_.any():
-                assert got[r].sum() >= 1
-                # reference: all open positions >= tau, plus the most confident open one
-                expected = open_ & (conf[r] >= tau)
-                masked = torch.where(open_, conf[r], torch.full_like(conf[r], -1.0))
-                expected[int(masked.argmax())] = True
-                assert torch.equal(got[r], expected), (case, r, conf[r], committed[r], tau, got[r])
-            else:
-                assert not got[r].any()
-
-
-def test_commit_rule_hand_case():
-    conf = torch.tensor([[0.1, 0.95, 0.3, 0.92],     # two above tau
-                         [0.1, 0.20, 0.3, 0.05],     # none above tau: only the best (0.3)
-                         [0.9, 0.99, 0.1, 0.20],     # best (0.99) already committed: next best open one (0.2)
-                         [0.5, 0.50, 0.5, 0.50]])    # all committed
-    committed = torch.tensor([[False, False, False, False],
-                              [False, False, False, False],
-                              [True, True, False, False],
-                              [True, True, True, True]])
-    got = commit_rule(conf, committed, 0.9)
-    assert got.tolist() == [[False, True, False, True],
-                            [False, False, True, False],
-                            [False, False, False, True],
-                            [False, False, False, False]]
 
 
 # ----------------------------------------------------------------------------------------------- (e) termination

@@ -9,7 +9,9 @@ reasoning LLM would look at, all observable from the history and the catalogue:
 
 Its candidate score is a linear function of those features, with weights fitted by a 10-way softmax regression on
 the training examples. A trace is three steps, as GR2's teacher writes them: the pattern in the history, the
-category/complement identification, the candidate selection (the top candidates with the evidence for each).
+category/complement identification, the candidate selection (the top five candidates with the evidence for each;
+the other five keep the retriever's order, so the answer is always "the picks, then the rest as retrieved": a rule a
+small model can follow, where an arbitrary order of the weak candidates would have to be memorised).
 Sampling adds Gumbel noise to the scores (a Plackett-Luce draw); **rejection sampling** draws until the top-1 is the
 held-out target (training data only) and drops examples where no draw succeeds, as GR2 does.
 """
@@ -52,6 +54,8 @@ class TeacherStats:
 
 
 class Teacher:
+    top = 5   # candidates the teacher orders and explains; the rest keep the retriever's order
+
     def __init__(self, catalog: Catalog, stats: TeacherStats, weights: np.ndarray | None = None):
         self.catalog, self.stats = catalog, stats
         self.weights = weights if weights is not None else np.ones(len(FEATURES))
@@ -111,7 +115,8 @@ class Teacher:
         s = self.scores(history, candidates, co_purchase)
         if rng is not None:
             s = s / temperature + rng.gumbel(size=len(s))
-        return [int(i) for i in np.lexsort((np.arange(len(s)), -s))]
+        top = [int(i) for i in np.lexsort((np.arange(len(s)), -s))][: self.top]
+        return top + [i for i in range(len(s)) if i not in top]     # the rest keep the retriever's order
 
     def rejection_sample(self, history, candidates, target_pos: int, rng: np.random.Generator, tries: int,
                          temperature: float = 1.0, co_purchase=None) -> tuple[list[int] | None, int]:
@@ -122,7 +127,7 @@ class Teacher:
                 return ranking, k
         return None, tries
 
-    def trace(self, history: list[int], candidates: list[int], ranking: list[int], sid_words, top: int = 5,
+    def trace(self, history: list[int], candidates: list[int], ranking: list[int], sid_words, top: int | None = None,
               co_purchase=None) -> str:
         """The three-step explanation of ``ranking`` (a list of candidate positions)."""
         st, cat = self.stats, self.catalog
@@ -140,7 +145,7 @@ class Teacher:
         next_names = [st.leaf_names[k] for k in nxt]
         step2 = ["step2", "after", word_token(cat.leaf(last)), "comes", *[word_token(n) for n in next_names], "."]
         step3 = ["step3"]
-        for pos in ranking[:top]:
+        for pos in ranking[: top or self.top]:
             c = candidates[pos]
             tags = []
             if cat.leaf(c) in next_names:
@@ -158,5 +163,5 @@ class Teacher:
             if st.log_popularity[c] >= st.popular_cut:
                 tags.append("popular")
             step3 += ["pick", *sid_words(c), word_token(cat.leaf(c)), ":", *(tags or ["weak"]), ";"]
-        step3[-1] = "."
+        step3 += ["rest", "in", "retriever", "order", "."]
         return " ".join(step1 + step2 + step3)
