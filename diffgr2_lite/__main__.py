@@ -77,7 +77,8 @@ def results_table(result_dir: Path) -> str:
         if not f.exists():
             continue
         r = art.read_json(f)
-        meta = meta or r
+        if meta is None or stage == "ar":        # the header names the device the models ran on
+            meta = r
         m, ms = r["metrics"], r["metrics_strict"]
         ci = r.get("ci95", {}).get("recall@1")
         ci_s = f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]" if ci else ""
