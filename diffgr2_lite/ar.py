@@ -42,6 +42,22 @@ def sft_loss(model, batch: Batch) -> torch.Tensor:
     return weighted_ce(completion_logits(model, batch.prompt, batch.completion), batch.completion, batch.weight)
 
 
+class BestState:
+    """A copy of the weights with the best validation score so far; ``restore`` puts them back at the end."""
+
+    def __init__(self, ties_to_later: bool = False):
+        self.best, self.state, self.ties_to_later = -float("inf"), None, ties_to_later
+
+    def update(self, model, score: float) -> None:
+        if score > self.best or (self.ties_to_later and score == self.best):
+            self.best = score
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -68,7 +84,7 @@ def train(model, train_ds, tokenizer, *, loss_fn=sft_loss, epochs: float, lr: fl
     warmup = max(1, total // 20)
     validate_every = validate_every or steps_per_epoch
     history = {"step": [], "loss": [], "val_step": [], "val": []}
-    best, best_state, step, t0 = -float("inf"), None, 0, time.time()
+    keeper, step, t0 = BestState(ties_to_later=True), 0, time.time()   # ties: the longer-trained model
     bar = tqdm(total=total, desc=desc, mininterval=1)
     epoch = 0
     while step < total:
@@ -96,15 +112,12 @@ def train(model, train_ds, tokenizer, *, loss_fn=sft_loss, epochs: float, lr: fl
                 model.train()
                 history["val_step"].append(step)
                 history["val"].append(score)
-                if score >= best:          # ties go to the later (longer-trained) model
-                    best = score
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                keeper.update(model, score)
         epoch += 1
     bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    keeper.restore(model)
     model.eval()
-    history.update(best_val=best, steps=total, seconds=time.time() - t0)
+    history.update(best_val=keeper.best, steps=total, seconds=time.time() - t0)
     return history
 
 

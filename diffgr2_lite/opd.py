@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .ar import autocast, completion_logits, max_completion_len
+from .ar import BestState, autocast, completion_logits, max_completion_len
 from .diffusion.replay import first_eos, masked_hidden, replay_hidden, select_rows, valid_positions
 from .diffusion.sampler import DecodeResult, diffusion_decode
 from .text import decode_tokens, parse_ranking
@@ -192,7 +192,7 @@ def train_opd(student, teacher, train_ds, example_set, *, steps: int, prompts: i
     validate_every = validate_every or max(1, steps)
     history = {"step": [], "kl": [], "fill_ce": [], "loss": [], "valid": [], "tokens_per_forward": [],
                "val_step": [], "val": []}
-    best, best_state, t0 = -math.inf, None, time.time()
+    keeper, t0 = BestState(), time.time()
     n_rows = len(train_ds)
     bar = tqdm(range(1, steps + 1), desc=desc, mininterval=1)
     for step in bar:
@@ -236,12 +236,10 @@ def train_opd(student, teacher, train_ds, example_set, *, steps: int, prompts: i
             score = float(validate(student))
             history["val_step"].append(step)
             history["val"].append(score)
-            if keep_best and score > best:
-                best = score
-                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            if keep_best:
+                keeper.update(student, score)
     bar.close()
-    if keep_best and best_state is not None:
-        student.load_state_dict(best_state)
+    keeper.restore(student)
     student.eval()
     history.update(seconds=time.time() - t0, steps=steps, best_val=max(history["val"]) if history["val"] else None)
     return history

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .ar import autocast
+from .ar import BestState, autocast
 from .diffusion.replay import first_eos, replay_logprobs, select_rows, valid_positions
 from .opd import _rows, default_max_blocks, device_generator, parse_rollouts, sample_rollouts
 from .text import ParsedRanking
@@ -123,7 +123,7 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
     validate_every = validate_every or max(1, steps)
     history = {"step": [], "reward": [], "valid": [], "copy": [], "kept": [], "loss": [], "clip_frac": [],
                "val_step": [], "val": []}
-    best, best_state, t0 = -math.inf, None, time.time()
+    keeper, t0 = BestState(), time.time()
     n_rows = len(train_ds)
     bar = tqdm(range(1, steps + 1), desc=desc, mininterval=1)
     for step in bar:
@@ -179,12 +179,10 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
             score = float(validate(policy))
             history["val_step"].append(step)
             history["val"].append(score)
-            if keep_best and score > best:
-                best = score
-                best_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            if keep_best:
+                keeper.update(policy, score)
     bar.close()
-    if keep_best and best_state is not None:
-        policy.load_state_dict(best_state)
+    keeper.restore(policy)
     policy.eval()
     history.update(seconds=time.time() - t0, steps=steps, best_val=max(history["val"]) if history["val"] else None)
     return history

@@ -16,14 +16,6 @@ K, L, B = 10, 2, 8
 VOCAB = SPECIAL_TOKENS + [f"<a_{i}>" for i in range(K)] + [f"<b_{i}>" for i in range(K)] + [f"w{i}" for i in range(10)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer(VOCAB)

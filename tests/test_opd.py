@@ -17,14 +17,6 @@ VOCAB = (SPECIAL_TOKENS + [f"<a_{i}>" for i in range(10)] + [f"<b_{i}>" for i in
          + [f"w{i}" for i in range(10)])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy():
     tok = make_tokenizer(VOCAB)

@@ -15,14 +15,6 @@ VOCAB = (SPECIAL_TOKENS + [f"<a_{i}>" for i in range(10)] + [f"<b_{i}>" for i in
 CANDS = [sid_tokens((i, i)) for i in range(10)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def parsed(order):
     return parse_ranking(build_answer([CANDS[p] for p in order]), CANDS)
 
