@@ -27,7 +27,7 @@ STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
-DATA_VERSION = 4
+DATA_VERSION = 5
 
 
 def profile_hash(profile: Profile, *fields: str) -> str:
@@ -237,6 +237,115 @@ def get_ar(profile: Profile, ex, variant: str = "reasoning", rebuild: bool = Fal
     """Load the AR checkpoint of ``variant`` or train it. Returns (model, history)."""
     stage = "ar" if variant == "reasoning" else "ar_direct"
     return get_stage_model(profile, ex, stage, lambda: train_ar(profile, ex, variant), rebuild)
+
+
+def evaluate_ar(profile: Profile, model, ex, stage: str, constrained: bool = False, reference: dict | None = None,
+                split: str = "test", max_new: int | None = None) -> dict:
+    max_new = max_new or ar_max_new(ex)
+
+    def run():
+        return evaluate(ar_decoder(model, ex, max_new, constrained, profile.device), ex.splits[split], ex,
+                        profile.eval_batch, profile.device, desc=f"decoding {stage}")
+
+    if split == "test":
+        scored, seconds = cached_evaluation(profile, stage, model, {"constrained": constrained, "max_new": max_new}, run)
+    else:
+        with art.Timer() as t:
+            scored = run()
+        seconds = t.s
+    extra = {"ci95": bootstrap_vs(scored, reference, profile.seed)} if reference else {}
+    extra["tokens_per_forward"] = scored["tokens_per_forward"]
+    rec = art.stage_record(stage, profile, scored, scored["n"], profile.device, seconds, extra, split)
+    if split == "test":
+        write_stage(profile, stage, rec)
+    return {"record": rec, "scored": scored}
+
+
+# ----------------------------------------------------------------------------------------------- diffusion
+def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | None = None, temperature: float = 0.0,
+                      assign: bool = False):
+    from .diffusion.sampler import diffusion_decode
+
+    tok = ex.tokenizer
+    B = block_size or profile.block_size
+    max_blocks = -(-ar_max_new(ex) // B)
+
+    def decode(rows, prompt):
+        res = diffusion_decode(model, prompt, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau,
+                               temperature=temperature)
+        out = res.as_dict()
+        if assign:
+            from .diffusion.assignment import assign_answer
+
+            out["tokens"] = assign_answer(model, prompt, res.tokens, candidate_token_ids(rows, ex, tok, prompt.device),
+                                          B, tok.mask_token_id, tok.convert_tokens_to_ids("<answer>"))
+        return out
+
+    return decode
+
+
+def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0, block_size: int | None = None,
+                       reference: dict | None = None, split: str = "test", assign: bool = False, write: bool = True,
+                       n: int | None = None) -> dict:
+    B = block_size or profile.block_size
+    ds = ex.splits[split]
+    if n is not None:
+        ds = ds.select(range(min(n, len(ds))))
+    def run():
+        return evaluate(diffusion_decoder(model, ex, profile, tau, B, assign=assign), ds, ex, profile.eval_batch,
+                        profile.device, desc=f"decoding {stage} (B={B}, tau={tau})")
+
+    if write and split == "test" and n is None:
+        scored, seconds = cached_evaluation(profile, stage, model, {"tau": tau, "B": B, "assign": assign}, run)
+    else:
+        with art.Timer() as t:
+            scored = run()
+        seconds = t.s
+    extra = {"block_size": B, "tau": tau, "tokens_per_forward": scored["tokens_per_forward"]}
+    if reference:
+        extra["ci95"] = bootstrap_vs(scored, reference, profile.seed)   # on the first n users when n is given
+    rec = art.stage_record(stage, profile, scored, scored["n"], profile.device, seconds, extra, split)
+    if write and split == "test" and n is None:
+        write_stage(profile, stage, rec)
+    return {"record": rec, "scored": scored}
+
+
+def cft_loss_fn(profile: Profile, ex, answer_mask_prob: float = 0.0, complementary: bool = True):
+    """The CFT objective as a ``loss_fn(model, batch)`` for :func:`ar.train` (optionally answer-aware)."""
+    from .diffusion.objective import masked_diffusion_loss
+
+    mask_id = ex.tokenizer.mask_token_id
+
+    def loss_fn(model, batch):
+        extra = None
+        if answer_mask_prob > 0:
+            rows = torch.rand(batch.completion.shape[0], device=batch.completion.device) < answer_mask_prob
+            extra = batch.is_answer & rows[:, None]
+        return masked_diffusion_loss(model, batch, profile.block_size, mask_id, complementary=complementary,
+                                     extra_mask=extra)
+
+    return loss_fn
+
+
+def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: float | None = None, **kw):
+    """Conversion fine-tuning from a copy of the AR weights. ``variant``: cft | plain | answer_aware."""
+    import copy
+
+    settings = {"cft": dict(answer_mask_prob=0.0, complementary=True, lambda_r=profile.lambda_reasoning),
+                "plain": dict(answer_mask_prob=0.0, complementary=False, lambda_r=profile.lambda_answer),
+                "answer_aware": dict(answer_mask_prob=0.3, complementary=True, lambda_r=profile.lambda_reasoning)}
+    if variant not in settings:
+        raise ValueError(f"unknown CFT variant {variant!r}; valid: {', '.join(settings)}")
+    s = settings[variant]
+    model = copy.deepcopy(ar_model).to(profile.device)
+    val_n = 128
+    hist = train(model, ex.splits["train"], ex.tokenizer,
+                 loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
+                 epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr), batch_size=profile.batch_size,
+                 lambda_r=s["lambda_r"], lambda_o=profile.lambda_answer, device=profile.device, seed=profile.seed,
+                 multiple_of=profile.block_size, desc=f"CFT ({variant})",
+                 validate=lambda m: validation_score(diffusion_decoder(m, ex, profile, 1.0), ex, profile, n=val_n))
+    return model, hist
 
 
 def get_stage_model(profile: Profile, ex, stage: str, build, rebuild: bool = False):

@@ -57,9 +57,16 @@ class TransitionRetriever:
         return s
 
     def top_k(self, history: list[int], k: int = 10) -> list[int]:
+        """The k best items by score, ties broken by item number, the same on every numpy version.
+
+        (``argpartition`` alone picks *some* of the items tied at the k-th score, and which ones differs between
+        numpy builds: the GPU image and this machine kept different users.)
+        """
         s = self.scores(history)
-        idx = np.argpartition(-s, k)[:k]
-        return [int(i) for i in idx[np.lexsort((idx, -s[idx]))]]   # by score, ties by item number
+        kth = -np.partition(-s, k - 1)[k - 1]                        # the k-th largest score
+        above, tied = np.flatnonzero(s > kth), np.flatnonzero(s == kth)
+        idx = np.concatenate([above, tied[: k - len(above)]])
+        return [int(i) for i in idx[np.lexsort((idx, -s[idx]))]]
 
 
 def user_folds(n_users: int, n_folds: int, seed: int) -> np.ndarray:
