@@ -35,7 +35,7 @@ def evaluate(decode, ds, example_set, batch_size: int, device, desc: str = "eval
             if steps is None:
                 row_forwards += len(toks)
             else:
-                B = out["tokens"].shape[1] // len(steps[j])
+                B = out.get("block_size") or out["tokens"].shape[1] // len(steps[j])
                 row_forwards += sum(steps[j][: -(-len(toks) // B)])
             outputs.append(" ".join(toks))
             parses.append(parse_ranking(toks, [example_set.sid_words(c) for c in r["candidates"]]))

@@ -48,7 +48,7 @@ class DecodeResult:
 
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "forwards": self.forwards, "commit_step": self.commit_step,
-                "steps": self.steps}
+                "steps": self.steps, "block_size": self.block_size}
 
 
 def _choose(logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
