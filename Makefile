@@ -30,11 +30,11 @@ tutorial: setup
 test: setup unit nbval
 
 unit: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests
 
 nbval: setup
 	DIFFGR2_PROFILE=smoke DIFFGR2_RUNS=$(CURDIR)/runs $(PY) -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg \
-		--nbval-kernel-name python3 -p no:cacheprovider notebooks -q
+		--nbval-kernel-name python3 -p no:cacheprovider notebooks
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
