@@ -58,6 +58,20 @@ class BestState:
             model.load_state_dict(self.state)
 
 
+def maybe_validate(validate, model, step: int, total: int, every: int, history: dict, keeper: BestState | None):
+    """Every ``every`` steps and at the last: score the model (in eval mode), record it, let ``keeper`` keep the best."""
+    if validate is None or not (step % every == 0 or step == total):
+        return
+    was_training = model.training
+    model.eval()
+    score = float(validate(model))
+    model.train(was_training)
+    history["val_step"].append(step)
+    history["val"].append(score)
+    if keeper is not None:
+        keeper.update(model, score)
+
+
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -106,13 +120,7 @@ def train(model, train_ds, tokenizer, *, loss_fn=sft_loss, epochs: float, lr: fl
             history["loss"].append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-            if validate is not None and (step % validate_every == 0 or step == total):
-                model.eval()
-                score = float(validate(model))
-                model.train()
-                history["val_step"].append(step)
-                history["val"].append(score)
-                keeper.update(model, score)
+            maybe_validate(validate, model, step, total, validate_every, history, keeper)
         epoch += 1
     bar.close()
     keeper.restore(model)

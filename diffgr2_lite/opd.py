@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .ar import BestState, autocast, completion_logits, max_completion_len
+from .ar import BestState, autocast, completion_logits, max_completion_len, maybe_validate
 from .diffusion.replay import first_eos, masked_hidden, replay_hidden, select_rows, valid_positions
 from .diffusion.sampler import DecodeResult, diffusion_decode
 from .text import decode_tokens, parse_ranking
@@ -232,12 +232,7 @@ def train_opd(student, teacher, train_ds, example_set, *, steps: int, prompts: i
         history["valid"].append(valid_rate)
         history["tokens_per_forward"].append(commits / max(1, int(res.steps.sum())))
         bar.set_postfix(kl=f"{history['kl'][-1]:.4f}", valid=f"{valid_rate:.2f}")
-        if validate is not None and (step % validate_every == 0 or step == steps):
-            score = float(validate(student))
-            history["val_step"].append(step)
-            history["val"].append(score)
-            if keep_best:
-                keeper.update(student, score)
+        maybe_validate(validate, student, step, steps, validate_every, history, keeper if keep_best else None)
     bar.close()
     keeper.restore(student)
     student.eval()

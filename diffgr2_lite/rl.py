@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .ar import BestState, autocast
+from .ar import BestState, autocast, maybe_validate
 from .diffusion.replay import first_eos, replay_logprobs, select_rows, valid_positions
 from .opd import _rows, default_max_blocks, device_generator, parse_rollouts, sample_rollouts
 from .text import ParsedRanking
@@ -175,12 +175,7 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
         history["clip_frac"].append(clipped / max(1, n_tok))
         bar.set_postfix(reward=f"{history['reward'][-1]:.3f}", valid=f"{valid_rate:.2f}",
                         kept=f"{history['kept'][-1]:.2f}")
-        if validate is not None and (step % validate_every == 0 or step == steps):
-            score = float(validate(policy))
-            history["val_step"].append(step)
-            history["val"].append(score)
-            if keep_best:
-                keeper.update(policy, score)
+        maybe_validate(validate, policy, step, steps, validate_every, history, keeper if keep_best else None)
     bar.close()
     keeper.restore(policy)
     policy.eval()
