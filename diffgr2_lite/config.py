@@ -44,7 +44,8 @@ class Profile:
     teacher_tries: int = 8            # rejection sampling: draws per training example
     # model
     model: ModelSize = field(default_factory=lambda: ModelSize(64, 2, 4, 128))
-    # AR SFT (after a short SID-copying warm-up, see pipeline.copy_warmup_split)
+    # AR SFT, after a SID-copying warm-up (passes over the training prompts, each with fresh random answer orders;
+    # see pipeline.copy_warmup_split)
     copy_epochs: float = 1.0
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
@@ -101,7 +102,7 @@ PROFILES: dict[str, Profile] = {
         synthetic_users=20000, synthetic_items=1200, max_eval=2000, train_positions=50,
         sid_levels=(256, 64), title_words=2,
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
-        copy_epochs=1.0, ar_epochs=7.0, ar_lr=1e-3, cft_epochs=2.0, cft_lr=3e-4, batch_size=128, eval_batch=512,
+        copy_epochs=10.0, ar_epochs=7.0, ar_lr=1e-3, cft_epochs=2.0, cft_lr=3e-4, batch_size=128, eval_batch=512,
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,
         rl_steps=10, rl_prompts=12, rl_group=4, rl_lr=1e-5, rl_hack_steps=4,
