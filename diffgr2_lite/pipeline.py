@@ -64,12 +64,17 @@ def get_examples(profile: Profile, rebuild: bool = False, progress: bool = True)
     d = art.stage_dir(profile, "data")
     key = profile_hash(profile, *DATA_FIELDS)
     meta_path = d / "meta.json"
-    if not rebuild and meta_path.exists() and art.read_json(meta_path).get("key") == key:
-        meta = art.read_json(meta_path)
-        splits = {s: load_from_disk(str(d / "splits" / s)) for s in ("train", "valid", "test")}
-        codes = np.load(d / "sids.npy", allow_pickle=False)
-        return ExampleSet(None, SemanticIds(codes, tuple(meta["codebook_sizes"])), PromptFormat(**meta["format"]),
-                          load_tokenizer(d / "tokenizer"), splits, None, meta["report"])
+    if not rebuild and meta_path.exists():
+        try:
+            meta = art.read_json(meta_path)
+            if meta.get("key") == key:
+                splits = {s: load_from_disk(str(d / "splits" / s)) for s in ("train", "valid", "test")}
+                codes = np.load(d / "sids.npy", allow_pickle=False)
+                return ExampleSet(None, SemanticIds(codes, tuple(meta["codebook_sizes"])),
+                                  PromptFormat(**meta["format"]), load_tokenizer(d / "tokenizer"), splits, None,
+                                  meta["report"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"cached data in {d} is incomplete or unreadable ({exc}); rebuilding it")
     ex = build_examples(load_dataset(profile), profile, progress=progress)
     tok = ex.tokenizer
     for s in ex.splits:

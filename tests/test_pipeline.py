@@ -68,3 +68,13 @@ def test_copy_warmup_rows_are_fresh_permutations_of_the_candidates(stage):
         assert parsed.valid
         orders.append(tuple(parsed.ranking))
     assert len(set(orders)) > 1                                    # fresh orders, not one order repeated
+
+
+def test_damaged_data_cache_is_rebuilt_with_a_message(stage, capsys):
+    import shutil
+
+    ex = pl.get_examples(stage, progress=False)
+    shutil.rmtree(pl.art.stage_dir(stage, "data") / "splits" / "valid")
+    again = pl.get_examples(stage, progress=False)
+    assert "rebuilding" in capsys.readouterr().out
+    assert again.splits["valid"]["prompt_ids"] == ex.splits["valid"]["prompt_ids"]
