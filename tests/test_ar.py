@@ -317,3 +317,23 @@ def test_cosine_lr():
     assert cosine_lr(10, 100, 10) == pytest.approx(1.0)
     assert cosine_lr(55, 100, 10) == pytest.approx(0.5)
     assert cosine_lr(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kv_cached_decoding_equals_full_recompute():
+    """ar_decode (one forward per token over a KV cache) == greedy decoding that recomputes the whole sequence."""
+    from tiny import EOS, random_prompt, tiny_model
+
+    model = tiny_model(seed=3)
+    prompt = random_prompt(3, seed=4, length=9)
+    cached = ar_decode(model, prompt, max_new=16, eos_id=EOS)["tokens"]
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(cached.shape[1]):
+            nxt = model(input_ids=seq).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    ref = seq[:, prompt.shape[1]:]
+    ended = torch.cumsum(ref == EOS, 1) > 0                        # after a row's <eos> the decoder writes <eos>
+    first_end = ended & (torch.cumsum(ended.long(), 1) == 1)
+    keep = ~ended | first_end
+    assert torch.equal(cached[keep], ref[keep])
+    assert bool((cached[ended] == EOS).all())
