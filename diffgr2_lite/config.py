@@ -44,9 +44,10 @@ class Profile:
     teacher_tries: int = 8            # rejection sampling: draws per training example
     # model
     model: ModelSize = field(default_factory=lambda: ModelSize(64, 2, 4, 128))
-    # AR SFT, after a SID-copying warm-up (passes over the training prompts, each with fresh random answer orders;
-    # see pipeline.copy_warmup_split)
-    copy_epochs: float = 1.0
+    # AR SFT, after a SID-copying warm-up (training prompts with answers in fresh random orders; see copy_warmup)
+    copy_steps: int = 100
+    copy_batch: int = 32
+    copy_lr: float = 1e-3
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
     batch_size: int = 32
@@ -93,7 +94,7 @@ PROFILES: dict[str, Profile] = {
         model=ModelSize(hidden=64, layers=2, heads=4, intermediate=128),
         ar_epochs=1.0, cft_epochs=1.0, batch_size=32, eval_batch=48,
         opd_steps=2, opd_prompts=4, opd_rollouts=2, rl_steps=2, rl_prompts=4, rl_group=4, opd_ablation_steps=1,
-        rl_hack_steps=1, cft_ablation_epochs=0.3, copy_epochs=0.5,
+        rl_hack_steps=1, cft_ablation_epochs=0.3, copy_steps=30,
         bench_prompts=4, bench_batches=(1, 4), bench_taus=(1.0, 0.6), bench_repeats=1,
         sweep_taus=(1.0, 0.5), sweep_block_sizes=(32,),
     ),
@@ -102,7 +103,7 @@ PROFILES: dict[str, Profile] = {
         synthetic_users=20000, synthetic_items=1200, max_eval=2000, train_positions=50,
         sid_levels=(256, 64), title_words=2,
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
-        copy_epochs=10.0, ar_epochs=7.0, ar_lr=1e-3, cft_epochs=2.0, cft_lr=3e-4, batch_size=128, eval_batch=512,
+        copy_steps=2000, copy_batch=256, ar_epochs=7.0, ar_lr=1e-3, cft_epochs=2.0, cft_lr=3e-4, batch_size=128, eval_batch=512,
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,
         rl_steps=10, rl_prompts=12, rl_group=4, rl_lr=1e-5, rl_hack_steps=4,

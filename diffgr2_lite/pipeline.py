@@ -19,6 +19,7 @@ from . import artifacts as art
 from .ar import AnswerConstraint, ar_decode, candidate_token_ids, max_completion_len, train
 from .batches import tokenize_split
 from .config import Profile
+from .copy_warmup import CopyTask, train_copy
 from .evaluate import bootstrap_vs, evaluate, fixed_rankings
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
 
@@ -27,7 +28,7 @@ STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
-DATA_VERSION = 5
+DATA_VERSION = 6
 
 
 def profile_hash(profile: Profile, *fields: str) -> str:
@@ -182,65 +183,60 @@ def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") 
     return evaluate(decode, valid, ex, profile.eval_batch, profile.device, desc="validating")["metrics_strict"][metric]
 
 
-def copy_warmup_split(ex, seed: int, copies: int = 1):
-    """Mid-training data: each training prompt with the answer alone, its candidates in a *random* order.
+def copy_task(profile: Profile, ex) -> CopyTask:
+    """The SID copy task over the training prompts (see :mod:`diffgr2_lite.copy_warmup`)."""
+    rows = ex.splits["train"].select_columns(["prompt_ids", "candidates"]).to_list()
+    return CopyTask(torch.tensor([r["prompt_ids"] for r in rows], dtype=torch.long),
+                    candidate_token_ids(rows, ex, ex.tokenizer, "cpu"), ex.tokenizer, profile.device, seed=profile.seed)
 
-    GR2 mid-trains its backbone on semantic IDs before SFT. Our model starts from scratch, and what it most needs
-    first is to copy a candidate's SID tokens from the prompt into the answer. With the real targets a small model
-    finds a shortcut (write the SID of a popular item it memorised); with random orders copying is the only way to
-    lower the loss. ``copies`` rows per prompt, each with a fresh order, so a long warm-up never repeats a target.
-    (The first full run used one copy, 97 steps: its loss stayed at the no-copying level. On synthetic data a small
-    model needed about a thousand steps to learn to copy.)
-    """
-    from .text import build_answer
 
-    rng = np.random.default_rng(seed)
-    tok = ex.tokenizer
-    train = ex.splits["train"].select_columns(["prompt_ids", "candidates"])
+def new_model(profile: Profile, ex):
+    """A randomly initialised re-ranker sized by the profile (positions for the longest training completion)."""
+    max_pos = ex.fmt.prompt_len + max_completion_len(ex.splits["train"]) + 64
+    return build_model(profile.model, len(ex.tokenizer), max_pos, ex.tokenizer, seed=profile.seed).to(profile.device)
 
-    def fn(batch):
-        prompts, comps = [], []
-        for prompt, cands in zip(batch["prompt_ids"], batch["candidates"]):
-            sids = [ex.sid_words(c) for c in cands]
-            for _ in range(copies):
-                prompts.append(prompt)
-                comps.append(tok.convert_tokens_to_ids(build_answer([sids[i] for i in rng.permutation(len(sids))]).split()))
-        return {"prompt_ids": prompts, "completion_ids": comps}
 
-    return train.map(fn, batched=True, remove_columns=["candidates"], desc="copy warm-up data")
+def get_copy_warmup(profile: Profile, ex, rebuild: bool = False):
+    """The copy-warmed model both AR variants start from (trained once, then loaded). Returns (model, history)."""
+    def build():
+        model = new_model(profile, ex)
+        return model, train_copy(model, copy_task(profile, ex), steps=profile.copy_steps,
+                                 batch_size=profile.copy_batch, lr=profile.copy_lr)
+
+    return get_stage_model(profile, ex, "copy_warmup", build, rebuild)
 
 
 def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     """SFT of the AR re-ranker: ``reasoning`` (trace + answer) or ``direct`` (the answer alone).
 
-    Both variants start with the same short SID-copying warm-up (:func:`copy_warmup_split`).
+    Both variants start from the same SID-copying warm-up (:func:`get_copy_warmup`). (Mixing copy-task batches into
+    SFT was tried on the GPU: the copy answers start right after the prompt, so the model learned to skip reasoning.)
     """
+    import copy
+
     tok = ex.tokenizer
     train_ds = ex.splits["train"]
     if variant == "direct":
         train_ds = train_ds.remove_columns("completion_ids").rename_column("direct_ids", "completion_ids")
     elif variant != "reasoning":
         raise ValueError(f"unknown AR variant {variant!r}; valid: reasoning, direct")
-    max_pos = ex.fmt.prompt_len + max_completion_len(train_ds) + 64
-    model = build_model(profile.model, len(tok), max_pos, tok, seed=profile.seed).to(profile.device)
+    warm = None
+    if profile.copy_steps > 0:
+        warm_model, warm = get_copy_warmup(profile, ex)
+        model = copy.deepcopy(warm_model).to(profile.device)
+    else:
+        model = new_model(profile, ex)
     max_new = max_completion_len(train_ds) + 8
     cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, batch_size=profile.batch_size,
                lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer)
     cfg.update(overrides)
-    warm = None
-    if profile.copy_epochs > 0:
-        copies = int(np.ceil(profile.copy_epochs))
-        warm = train(model, copy_warmup_split(ex, profile.seed, copies), tok, device=profile.device, seed=profile.seed,
-                     desc="SID copy warm-up", epochs=profile.copy_epochs / copies, lr=cfg["lr"],
-                     batch_size=cfg["batch_size"],
-                     lambda_r=1.0, lambda_o=1.0)
     hist = train(model, train_ds, tok, device=profile.device, seed=profile.seed, desc=f"AR SFT ({variant})",
                  validate=lambda m: validation_score(ar_decoder(m, ex, max_new, False, profile.device), ex, profile),
                  **cfg)
     hist["parameters"] = n_parameters(model)
     hist["max_new"] = max_new
     if warm is not None:
-        hist["warmup_loss"] = warm["loss"]
+        hist["copy_warmup"] = warm
     return model, hist
 
 

@@ -172,6 +172,17 @@ def test_semantic_ids_unique(ex):
         assert all(t in vocab for t in ex.sid_words(item))
 
 
+def test_semantic_id_middle_codes_name_tree_nodes(ex):
+    """A level-2 code determines its level-1 parent (so copying needs only the previous token), and a level-1
+    cluster still holds several level-2 nodes."""
+    codes = ex.sids.codes
+    parent = {}
+    for a, b in codes[:, :2]:
+        assert parent.setdefault(int(b), int(a)) == int(a)
+    assert len(parent) > ex.sids.codebook_sizes[0]
+    assert ex.sids.codebook_sizes[1] == len(parent)
+
+
 def test_cross_fitted_training_candidates(ex, profile):
     data = ex.data
     train_parts, _, _ = leave_one_out(data.sequences)
