@@ -48,6 +48,7 @@ class Profile:
     copy_steps: int = 100
     copy_batch: int = 32
     copy_lr: float = 1e-3
+    copy_structured: float = 0.5      # share of warm-up answers shaped "random picks, then the rest in prompt order"
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
     batch_size: int = 32

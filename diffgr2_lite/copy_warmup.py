@@ -10,12 +10,16 @@ and a small model finds it only after many steps. Two things make it hard here:
 * one wrong code makes the whole ranking invalid, so per-token copy accuracy must be close to 100%.
 
 The warm-up task: every training prompt, with an answer that is its 10 candidates in a *fresh random order* each
-time. The order is unpredictable, so the only way to lower the loss is to copy. Batches are drawn on the device
+time. The order is unpredictable, so the only way to lower the loss is to copy. Half the rows (``copy_structured``)
+take the shape of the teacher's answers instead: a random handful of candidates first, then the others in prompt
+order, which trains skipping what is already written (the first full run with random orders alone still wrote
+duplicates in that part of its answers). Batches are drawn on the device
 from two tensors (prompts and candidate codes): no Python collation, so thousands of steps cost about a minute on a
 GPU.
 
-A perfect copier still pays for the order: the ``k``-th SID's first code is one of ``11 - k`` equally likely
-candidates, so its loss per answer token cannot go below ``log(10!) / answer_len`` (:func:`copy_floor`).
+A perfect copier still pays for the order: on a fully random row the ``k``-th SID's first code is one of
+``11 - k`` equally likely candidates, so its loss per answer token cannot go below ``log(10!) / answer_len``
+(:func:`copy_floor`).
 :func:`copy_accuracy` measures what matters for validity: how often the codes after a SID's first are right.
 """
 from __future__ import annotations
@@ -35,15 +39,31 @@ def copy_floor(n_candidates: int, answer_len: int) -> float:
     return math.lgamma(n_candidates + 1) / answer_len
 
 
-def random_answers(cand_ids: torch.Tensor, tokenizer, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``<answer> SID x N </answer> <eos>`` with the candidates of each row in a random order. ``cand_ids``: [B, N, L]."""
+def random_answers(cand_ids: torch.Tensor, tokenizer, generator: torch.Generator | None = None,
+                   structured: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<answer> SID x N </answer> <eos>`` with the candidates of each row in a random order. ``cand_ids``: [B, N, L].
+
+    A ``structured`` share of rows instead gets "k random picks, then the others in prompt order" (k uniform in
+    0..N-1): the shape of the teacher's answers (picks, then the rest as retrieved), which needs the skill SFT
+    answers fail at most: writing the rest in order while skipping what was already written.
+    Returns (answers [B, N*L+3], fully_random [B] bool).
+    """
     b, n, L = cand_ids.shape
-    order = torch.rand(b, n, generator=generator, device=cand_ids.device).argsort(1)
+    dev = cand_ids.device
+    order = torch.rand(b, n, generator=generator, device=dev).argsort(1)
+    fully_random = torch.rand(b, generator=generator, device=dev) >= structured
+    k = torch.randint(0, n, (b,), generator=generator, device=dev)
+    k = torch.where(fully_random, torch.full_like(k, n), k)
+    rank = order.argsort(1)                                         # rank[c] = where candidate c sits in ``order``
+    key = torch.where(rank < k[:, None], rank, n + torch.arange(n, device=dev))
+    order = key.argsort(1)                                          # the first k of ``order``, then the rest by index
     sids = cand_ids.gather(1, order[:, :, None].expand(b, n, L)).flatten(1)
+
     def col(token_id):
-        return torch.full((b, 1), token_id, dtype=torch.long, device=cand_ids.device)
+        return torch.full((b, 1), token_id, dtype=torch.long, device=dev)
+
     open_, close = tokenizer.convert_tokens_to_ids(ANSWER), tokenizer.convert_tokens_to_ids(END_ANSWER)
-    return torch.cat([col(open_), sids, col(close), col(tokenizer.eos_token_id)], 1)
+    return torch.cat([col(open_), sids, col(close), col(tokenizer.eos_token_id)], 1), fully_random
 
 
 def copy_positions(n_candidates: int, sid_len: int, device=None) -> torch.Tensor:
@@ -63,10 +83,13 @@ def copy_accuracy(logits: torch.Tensor, answers: torch.Tensor, sid_len: int) -> 
 
 class CopyTask:
     """The copy task as a sampler on the device: ``loss(model, n)`` draws ``n`` prompts, fresh random answers, and
-    returns (mean cross-entropy over the answer, logits, answers)."""
+    returns (mean cross-entropy over the answer, logits, answers). ``last_random_loss`` is the loss of the fully
+    random rows alone: the one that :func:`copy_floor` bounds."""
 
-    def __init__(self, prompts: torch.Tensor, cand_ids: torch.Tensor, tokenizer, device, seed: int = 0):
+    def __init__(self, prompts: torch.Tensor, cand_ids: torch.Tensor, tokenizer, device, seed: int = 0,
+                 structured: float = 0.0):
         self.prompts, self.cand_ids = prompts.to(device), cand_ids.to(device)
+        self.structured = structured
         self.tokenizer, self.device = tokenizer, device
         self.gen = torch.Generator(device=self.prompts.device).manual_seed(seed)
         self.sid_len = cand_ids.shape[2]
@@ -76,10 +99,13 @@ class CopyTask:
         from .ar import autocast, completion_logits
 
         idx = torch.randint(len(self.prompts), (n,), generator=self.gen, device=self.prompts.device)
-        answers = random_answers(self.cand_ids[idx], self.tokenizer, self.gen)
+        answers, fully_random = random_answers(self.cand_ids[idx], self.tokenizer, self.gen, self.structured)
         with autocast(self.device):
             logits = completion_logits(model, self.prompts[idx], answers)
-        return F.cross_entropy(logits.float().flatten(0, 1), answers.flatten()), logits, answers
+        ce = F.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), reduction="none").view_as(answers)
+        self.last_random_loss = ce[fully_random].mean().item() if bool(fully_random.any()) else float("nan")
+        self.last_fully_random = fully_random
+        return ce.mean(), logits, answers
 
 
 def train_copy(model, task: CopyTask, *, steps: int, batch_size: int, lr: float, log_every: int = 50,
@@ -93,7 +119,7 @@ def train_copy(model, task: CopyTask, *, steps: int, batch_size: int, lr: float,
     model.to(task.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
-    hist = {"step": [], "loss": [], "copy_acc": [], "all_copied": [], "floor": task.floor}
+    hist = {"step": [], "loss": [], "random_order_loss": [], "copy_acc": [], "all_copied": [], "floor": task.floor}
     t0 = time.time()
     bar = tqdm(range(1, steps + 1), desc=desc, mininterval=1)
     for step in bar:
@@ -108,9 +134,11 @@ def train_copy(model, task: CopyTask, *, steps: int, batch_size: int, lr: float,
             acc, whole = copy_accuracy(logits.detach(), answers, task.sid_len)
             hist["step"].append(step)
             hist["loss"].append(loss.item())
+            hist["random_order_loss"].append(task.last_random_loss)
             hist["copy_acc"].append(acc)
             hist["all_copied"].append(whole)
-            bar.set_postfix(loss=f"{loss.item():.3f}", floor=f"{task.floor:.3f}", copy_acc=f"{acc:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", random_order=f"{task.last_random_loss:.3f}",
+                            floor=f"{task.floor:.3f}", copy_acc=f"{acc:.3f}")
     model.eval()
     hist["seconds"] = time.time() - t0
     return hist

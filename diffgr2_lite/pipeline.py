@@ -187,7 +187,8 @@ def copy_task(profile: Profile, ex) -> CopyTask:
     """The SID copy task over the training prompts (see :mod:`diffgr2_lite.copy_warmup`)."""
     rows = ex.splits["train"].select_columns(["prompt_ids", "candidates"]).to_list()
     return CopyTask(torch.tensor([r["prompt_ids"] for r in rows], dtype=torch.long),
-                    candidate_token_ids(rows, ex, ex.tokenizer, "cpu"), ex.tokenizer, profile.device, seed=profile.seed)
+                    candidate_token_ids(rows, ex, ex.tokenizer, "cpu"), ex.tokenizer, profile.device, seed=profile.seed,
+                    structured=profile.copy_structured)
 
 
 def new_model(profile: Profile, ex):

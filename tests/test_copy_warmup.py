@@ -27,7 +27,8 @@ def toy_task(n_rows=64, n=3, L=2, seed=0):
 def test_random_answers_are_fresh_permutations_of_the_candidates():
     _, codes = toy_task(n_rows=1, n=4, L=3)
     batch = codes.expand(50, 4, 3)
-    ans = random_answers(batch, StubTokenizer(), torch.Generator().manual_seed(0))
+    ans, fully_random = random_answers(batch, StubTokenizer(), torch.Generator().manual_seed(0))
+    assert fully_random.all()
     assert ans.shape == (50, 4 * 3 + 3)
     assert (ans[:, 0] == OPEN).all() and (ans[:, -2] == CLOSE).all() and (ans[:, -1] == EOS).all()
     cands = {tuple(c.tolist()) for c in codes[0]}
@@ -37,6 +38,22 @@ def test_random_answers_are_fresh_permutations_of_the_candidates():
         assert set(sids) == cands and len(sids) == 4            # each candidate exactly once
         orders.add(tuple(sids))
     assert len(orders) > 10                                      # fresh orders, not one order repeated
+
+
+def test_structured_answers_are_random_picks_then_the_rest_in_prompt_order():
+    _, codes = toy_task(n_rows=1, n=6, L=2)
+    ans, fully_random = random_answers(codes.expand(200, 6, 2), StubTokenizer(), torch.Generator().manual_seed(1),
+                                       structured=1.0)
+    assert not fully_random.any()
+    index = {tuple(c.tolist()): i for i, c in enumerate(codes[0])}
+    picks_seen = set()
+    for row in ans:
+        order = [index[tuple(s.tolist())] for s in row[1:-2].view(6, 2)]
+        assert sorted(order) == list(range(6))                  # still a permutation
+        # some prefix is the picks; everything after it is increasing (prompt order)
+        k = next(k for k in range(7) if order[k:] == sorted(order[k:]))
+        picks_seen.add(k)
+    assert len(picks_seen) >= 4                                  # k varies across rows
 
 
 def test_copy_floor_and_positions():
