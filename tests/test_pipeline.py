@@ -53,6 +53,20 @@ def test_stages_build_reload_and_record(stage):
     assert len(pl.load_stage_records(stage)) >= 2
 
 
+def test_both_ar_variants_start_from_one_saved_copy_warmup(stage):
+    ex = pl.get_examples(stage, progress=False)
+    warm, hist = pl.get_copy_warmup(stage, ex)
+    assert (pl.art.stage_dir(stage, "copy_warmup") / "model" / "meta.json").exists()
+    assert hist["step"][-1] == stage.copy_steps and hist["floor"] > 0
+    before = pl.model_fingerprint(warm)
+    ar, ar_hist = pl.get_ar(stage, ex, "reasoning")
+    direct, _ = pl.get_ar(stage, ex, "direct")
+    again, _ = pl.get_copy_warmup(stage, ex)
+    assert pl.model_fingerprint(again) == before                        # loaded, and SFT trained copies of it
+    assert len({before, pl.model_fingerprint(ar), pl.model_fingerprint(direct)}) == 3
+    assert ar_hist["copy_warmup"]["step"] == hist["step"]
+
+
 def test_damaged_data_cache_is_rebuilt_with_a_message(stage, capsys):
     import shutil
 
