@@ -182,7 +182,10 @@ def measure_setting(decode, prompts: torch.Tensor, groups, eos_id: int, block_si
 
 
 def make_scorer(rows, example_set):
-    """``score(indices, token_rows)``: parse each output against its row's candidates, paper scoring."""
+    """``score(indices, token_rows)``: parse each output against its row's candidates; paper and strict R@1.
+
+    Paper R@1 alone hides differences between settings whose outputs are mostly invalid (they all fall back to the
+    retriever order), so the strict R@1 (invalid = miss) is reported beside it."""
     tok = example_set.tokenizer
 
     def score(indices, token_rows) -> dict:
@@ -192,8 +195,10 @@ def make_scorer(rows, example_set):
             if EOS in toks:
                 toks = toks[: toks.index(EOS) + 1]
             parses.append(parse_ranking(toks, [example_set.sid_words(c) for c in rows[i]["candidates"]]))
-        m = score_parses(parses, [rows[i]["target_pos"] for i in indices])["metrics"]
-        return {"recall@1": m["recall@1"], "valid_rate": m["valid_rate"]}
+        scored = score_parses(parses, [rows[i]["target_pos"] for i in indices])
+        m = scored["metrics"]
+        return {"recall@1": m["recall@1"], "strict_recall@1": scored["metrics_strict"]["recall@1"],
+                "valid_rate": m["valid_rate"]}
 
     return score
 
@@ -224,7 +229,8 @@ def benchmark(model, prompts: torch.Tensor, rows, example_set, cfg, *, max_new: 
         return {"decoder": decoder, "batch": batch, "block_size": B, "tau": tau,
                 "tokens_per_s": m["tokens_per_s"], "ms_per_forward": m["ms_per_forward"],
                 "tokens_per_forward": m["tokens_per_forward"], "latency_ms_per_request": m["latency_ms_per_request"],
-                "recall@1": m["recall@1"], "valid_rate": m["valid_rate"], "graphs": graphs}
+                "recall@1": m["recall@1"], "strict_recall@1": m.get("strict_recall@1"), "valid_rate": m["valid_rate"],
+                "graphs": graphs}
 
     for batch in cfg.batches:
         groups = _groups(N, batch, cfg.n_single)
@@ -256,7 +262,8 @@ def _fmt(r: dict) -> str:
     what = "AR" if r["decoder"] == "ar" else f"diffusion B={r['block_size']} tau={r['tau']}"
     return (f"batch {r['batch']:>3} {what:<28} {r['tokens_per_s']:>10.1f} tok/s  {r['ms_per_forward']:.2f} ms/fwd  "
             f"{r['tokens_per_forward']:.2f} tok/fwd  x{r['speedup_vs_ar']:.2f}  R@1 {r['recall@1']:.3f}  "
-            f"valid {r['valid_rate']:.3f}")
+            + (f"strict {r['strict_recall@1']:.3f}  " if r.get("strict_recall@1") is not None else "")
+            + f"valid {r['valid_rate']:.3f}")
 
 
 @torch.no_grad()

@@ -133,8 +133,9 @@ def test_time_decoder_median_and_warmup():
 
 def test_rows_have_the_contract_keys(rows):
     keys = {"decoder", "batch", "block_size", "tau", "tokens_per_s", "ms_per_forward", "tokens_per_forward",
-            "latency_ms_per_request", "recall@1", "valid_rate", "graphs", "speedup_vs_ar"}
+            "latency_ms_per_request", "recall@1", "strict_recall@1", "valid_rate", "graphs", "speedup_vs_ar"}
     assert all(set(r) == keys for r in rows)
+    assert all(0.0 <= r["strict_recall@1"] <= r["recall@1"] for r in rows)     # an invalid answer is a miss
     assert [(r["decoder"], r["batch"], r["tau"]) for r in rows] == [
         ("ar", 1, None), ("diffusion", 1, 1.0), ("diffusion", 1, 0.5),
         ("ar", 4, None), ("diffusion", 4, 1.0), ("diffusion", 4, 0.5)]
