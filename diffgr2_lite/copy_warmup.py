@@ -82,9 +82,11 @@ def copy_accuracy(logits: torch.Tensor, answers: torch.Tensor, sid_len: int) -> 
 
 
 class CopyTask:
-    """The copy task as a sampler on the device: ``loss(model, n)`` draws ``n`` prompts, fresh random answers, and
-    returns (mean cross-entropy over the answer, logits, answers). ``last_random_loss`` is the loss of the fully
-    random rows alone: the one that :func:`copy_floor` bounds."""
+    """The copy task as a sampler on the device: ``loss(model, n)`` draws ``n`` prompts and fresh random answers.
+
+    It returns the per-token cross-entropy [n, answer_len] with the logits, the answers and which rows are fully
+    random (only those are bounded by :func:`copy_floor`). Nothing here reads a value back to the host, so a training
+    step never waits for the GPU."""
 
     def __init__(self, prompts: torch.Tensor, cand_ids: torch.Tensor, tokenizer, device, seed: int = 0,
                  structured: float = 0.0):
@@ -103,9 +105,7 @@ class CopyTask:
         with autocast(self.device):
             logits = completion_logits(model, self.prompts[idx], answers)
         ce = F.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), reduction="none").view_as(answers)
-        self.last_random_loss = ce[fully_random].mean().item() if bool(fully_random.any()) else float("nan")
-        self.last_fully_random = fully_random
-        return ce.mean(), logits, answers
+        return ce, logits, answers, fully_random
 
 
 def train_copy(model, task: CopyTask, *, steps: int, batch_size: int, lr: float, log_every: int = 50,
@@ -125,19 +125,21 @@ def train_copy(model, task: CopyTask, *, steps: int, batch_size: int, lr: float,
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr * cosine_lr(step - 1, steps, warmup)
-        loss, logits, answers = task.loss(model, batch_size)
+        ce, logits, answers, fully_random = task.loss(model, batch_size)
+        loss = ce.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % log_every == 0 or step == steps:
             acc, whole = copy_accuracy(logits.detach(), answers, task.sid_len)
+            random_loss = ce.detach()[fully_random].mean().item() if bool(fully_random.any()) else float("nan")
             hist["step"].append(step)
             hist["loss"].append(loss.item())
-            hist["random_order_loss"].append(task.last_random_loss)
+            hist["random_order_loss"].append(random_loss)
             hist["copy_acc"].append(acc)
             hist["all_copied"].append(whole)
-            bar.set_postfix(loss=f"{loss.item():.3f}", random_order=f"{task.last_random_loss:.3f}",
+            bar.set_postfix(loss=f"{loss.item():.3f}", random_order=f"{random_loss:.3f}",
                             floor=f"{task.floor:.3f}", copy_acc=f"{acc:.3f}")
     model.eval()
     hist["seconds"] = time.time() - t0
