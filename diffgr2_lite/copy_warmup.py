@@ -1,12 +1,12 @@
 """Copy warm-up: teach a from-scratch model to copy candidate SIDs before it learns to rank them.
 
-GR2 mid-trains its 8B backbone on semantic IDs before SFT. Our 12M-parameter model starts from random weights, and
+GR2 mid-trains its 8B backbone on semantic IDs before SFT. Our ~14M-parameter model starts from random weights, and
 the first skill a valid answer needs is *copying*: after writing ``<a_178>`` it must find the candidate that starts
 with ``<a_178>`` in the prompt and write that candidate's next code, and so on. This is an induction-head circuit,
 and a small model finds it only after many steps. Two things make it hard here:
 
-* codes collide: among the 20 items of a prompt, several share a first- or second-level code, so "the token after the
-  last ``<b_1>``" is ambiguous and the model must look two tokens back;
+* codes collide: among the 20 items of a prompt, several share a first-level code, so after ``<a_178>`` the next
+  code is ambiguous (a genuine choice when both items are candidates; an out-of-set ID when one is a history item);
 * one wrong code makes the whole ranking invalid, so per-token copy accuracy must be close to 100%.
 
 The warm-up task: every training prompt, with an answer that is its 10 candidates in a *fresh random order* each
