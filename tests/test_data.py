@@ -159,6 +159,29 @@ def test_teacher_traces_are_longer_than_the_answer(ex):
             assert p.reasoning_tokens > p.answer_tokens == 10 * ex.sids.levels
 
 
+def test_teacher_check_tags_hand_case():
+    """The check step's tags on a hand-made catalogue: each tag is exactly what the prompt shows."""
+    from diffgr2_lite.data.catalog import Catalog
+    from diffgr2_lite.data.teacher import Teacher, TeacherStats
+
+    cat = Catalog(item_ids=[f"i{k}" for k in range(6)], titles=["t"] * 6,
+                  brands=["Acme", "Bolt", "Acme", "Bolt", "Cora", None],
+                  categories=[["Cleansers"], ["Toners"], ["Serums"], ["Cleansers"], ["Toners"], ["Masks"]])
+    # after Cleansers: Toners 3 times, Serums twice, Cleansers once, Masks never
+    stats = TeacherStats.fit(cat, [[0, 1, 2], [3, 1], [0, 4], [0, 2], [3, 2], [0, 3]])
+    teacher = Teacher(cat, stats)
+    assert teacher.next_categories(0, k=2) == ["Toners", "Serums"]
+    history = [1, 0]                 # Bolt Toners, then Acme Cleansers (the last item)
+    tags = teacher.check(history, [2, 3, 4, 5])
+    assert tags == [["=brand", "next+"],          # Acme like the last item; Serums follow Cleansers
+                    ["brand+", "=cat", "next+"],  # Bolt seen earlier; Cleansers like the last item
+                    ["cat+", "next+"],            # Toners seen earlier (Cora is not) and likely next
+                    ["-"]]                        # no brand, unseen category, not among the three likely next
+    trace = teacher.trace(history, [2, 3, 4, 5], [3, 0, 1, 2], lambda i: (f"<a_{i}>",), top=2, shown=2)
+    assert "step3 check 1 =brand next+ ; 2 brand+ =cat next+ ; 3 cat+ next+ ; 4 - ; pick 4 <a_5>" in trace
+    assert "pick 1 <a_2>" in trace and trace.count("pick") == 2
+
+
 def test_semantic_ids_unique(ex):
     codes = ex.sids.codes
     assert ex.sids.uniqueness()["unique"] == 1.0

@@ -141,7 +141,8 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
             else:
                 ranking = teacher.rank(hist, cands, co_purchase=co)     # greedy, and blind to the target
             ranked_sids = [sids_of[cands[p]] for p in ranking]
-            reasoning = teacher.trace(hist, cands, ranking, lambda i: sids_of[i], co_purchase=co)
+            reasoning = teacher.trace(hist, cands, ranking, lambda i: sids_of[i], co_purchase=co,
+                                      shown=profile.history_len)
             rows[split].append({
                 "user": data.user_ids[u], "history": hist[-profile.history_len:], "target": int(target),
                 "candidates": cands, "target_pos": int(tpos), "teacher_ranking": ranking,

@@ -9,9 +9,17 @@ reasoning LLM would look at, all observable from the history and the catalogue:
 
 Its candidate score is a linear function of those features, with weights fitted by a 10-way softmax regression on
 the training examples. A trace is three steps, as GR2's teacher writes them: the pattern in the history, the
-category/complement identification, the candidate selection (the top five candidates with the evidence for each;
-the other five keep the retriever's order, so the answer is always "the picks, then the rest as retrieved": a rule a
-small model can follow, where an arbitrary order of the weak candidates would have to be memorised).
+category/complement identification, the candidate selection. The selection step first **checks every candidate** in
+retriever order against the evidence a reader can verify in the prompt alone (same brand as the last item, a brand or
+category seen in the shown history, a likely next category), then names the top five (by number, then semantic ID) with their evidence; the other
+five keep the retriever's order, so the answer is always "the picks, then the rest as retrieved" (a rule a small
+model can follow, where an arbitrary order of the weak candidates would have to be memorised).
+
+Why the check: the decision "which candidate first" is one noisy label per example, and a small model trained from
+scratch on ~12k of them memorises instead of generalising. The check turns the evidence into ten explicit, exactly
+computable tags per example (dense, noise-free supervision), so the pick is made from tags the model has just written.
+On Amazon Beauty these prompt-visible signals alone carry real headroom: a small scorer over them (position, brand and
+category matches, the category transition) reaches R@1 0.38 on validation against the retriever's 0.35.
 Sampling adds Gumbel noise to the scores (a Plackett-Luce draw); **rejection sampling** draws until the top-1 is the
 held-out target (training data only) and drops examples where no draw succeeds, as GR2 does.
 """
@@ -127,9 +135,44 @@ class Teacher:
                 return ranking, k
         return None, tries
 
+    def next_categories(self, last: int, k: int = 3) -> list[str]:
+        """The k leaf categories that most often follow the last item's (the complements step 2 names)."""
+        return [self.stats.leaf_names[j] for j in np.argsort(-self.stats.transition[self.stats.leaf_of[last]])[:k]]
+
+    def check(self, shown_history: list[int], candidates: list[int]) -> list[list[str]]:
+        """Per candidate, the tags a reader can verify from the prompt alone (``shown_history`` = the items it shows).
+
+        ``=brand`` same brand as the last item, ``brand+`` a brand seen earlier in the history, ``=cat`` same category
+        as the last item, ``cat+`` a category seen earlier, ``next+`` a category step 2 names as likely next, ``-`` none.
+        """
+        cat = self.catalog
+        last = shown_history[-1]
+        brands = {cat.brands[h] for h in shown_history if cat.brands[h]}
+        leaves = {cat.leaf(h) for h in shown_history}
+        nxt = set(self.next_categories(last))
+        out = []
+        for c in candidates:
+            brand, leaf = cat.brands[c], cat.leaf(c)
+            tags = []
+            if brand and brand == cat.brands[last]:
+                tags.append("=brand")
+            elif brand and brand in brands:
+                tags.append("brand+")
+            if leaf == cat.leaf(last):
+                tags.append("=cat")
+            elif leaf in leaves:
+                tags.append("cat+")
+            if leaf in nxt:
+                tags.append("next+")
+            out.append(tags or ["-"])
+        return out
+
     def trace(self, history: list[int], candidates: list[int], ranking: list[int], sid_words, top: int | None = None,
-              co_purchase=None) -> str:
-        """The three-step explanation of ``ranking`` (a list of candidate positions)."""
+              co_purchase=None, shown: int | None = None) -> str:
+        """The three-step explanation of ``ranking`` (a list of candidate positions).
+
+        ``shown``: how many of the most recent history items the prompt shows (the check uses only those).
+        """
         st, cat = self.stats, self.catalog
         leaves = Counter(cat.leaf(h) for h in history)
         brands = Counter(cat.brands[h] for h in history if cat.brands[h])
@@ -141,10 +184,11 @@ class Teacher:
         for name, n in brands.most_common(2) or [("none", 0)]:
             step1 += [word_token(name), f"x{n}"] if n else ["none"]
         step1 += [";", "last", word_token(cat.leaf(last)), word_token(cat.brands[last] or "no_brand"), "."]
-        nxt = np.argsort(-st.transition[st.leaf_of[last]])[:3]
-        next_names = [st.leaf_names[k] for k in nxt]
+        next_names = self.next_categories(last)
         step2 = ["step2", "after", word_token(cat.leaf(last)), "comes", *[word_token(n) for n in next_names], "."]
-        step3 = ["step3"]
+        step3 = ["step3", "check"]
+        for pos, tags in enumerate(self.check(history[-shown:] if shown else history, candidates)):
+            step3 += [str(pos + 1), *tags, ";"]
         for pos in ranking[: top or self.top]:
             c = candidates[pos]
             tags = []
@@ -162,6 +206,6 @@ class Teacher:
                 tags.append(f"retrieved_{pos + 1}")
             if st.log_popularity[c] >= st.popular_cut:
                 tags.append("popular")
-            step3 += ["pick", *sid_words(c), word_token(cat.leaf(c)), ":", *(tags or ["weak"]), ";"]
+            step3 += ["pick", str(pos + 1), *sid_words(c), word_token(cat.leaf(c)), ":", *(tags or ["weak"]), ";"]
         step3 += ["rest", "in", "retriever", "order", "."]
         return " ".join(step1 + step2 + step3)
