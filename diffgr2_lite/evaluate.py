@@ -70,3 +70,40 @@ def bootstrap_vs(scored: dict, reference: dict, seed: int = 0) -> dict:
 
 def per_example_array(scored: dict, key: str) -> np.ndarray:
     return scored["_per"][key]
+
+
+@torch.no_grad()
+def first_pick_probe(model, ds, tokenizer, device, n_candidates: int = 10, batch_size: int = 256) -> dict:
+    """Which candidate does the model pick first, given the teacher's trace up to its first ``pick``?
+
+    Everything before the first pick (history pattern, complements, the check of every candidate) is a function of
+    the prompt alone, so feeding the teacher's version isolates the *decision* from the model's skill at writing the
+    trace. The model's next token is a candidate number; its argmax over "1".."N" is the pick. Returns the pick's
+    Recall@1 on ``ds``, how often it is the retriever's first, and the mean probability given to that one.
+    """
+    pick_id = tokenizer.convert_tokens_to_ids("pick")
+    numbers = torch.tensor(tokenizer.convert_tokens_to_ids([str(k) for k in range(1, n_candidates + 1)]),
+                           device=device)
+    rows = ds.select_columns(["prompt_ids", "completion_ids", "target_pos"]).to_list()
+    seqs = []
+    for r in rows:
+        c = r["completion_ids"]
+        if pick_id not in c:
+            raise ValueError("first_pick_probe needs completions with a reasoning trace (a 'pick' step)")
+        seqs.append(r["prompt_ids"] + c[: c.index(pick_id) + 1])
+    picks, p_first = [], []
+    for i in range(0, len(seqs), batch_size):
+        part = seqs[i:i + batch_size]
+        x = torch.full((len(part), max(map(len, part))), tokenizer.pad_token_id, dtype=torch.long)
+        for j, s in enumerate(part):                         # right-padded: causal attention never sees the padding
+            x[j, :len(s)] = torch.tensor(s)
+        last = torch.tensor([len(s) - 1 for s in part], device=device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+            logits = model(x.to(device)).logits
+        lg = logits[torch.arange(len(part), device=device), last][:, numbers].float()
+        picks.append(lg.argmax(-1).cpu())
+        p_first.append(lg.softmax(-1)[:, 0].cpu())
+    picks = torch.cat(picks).numpy()
+    target = np.array([r["target_pos"] for r in rows])
+    return {"recall@1": float((picks == target).mean()), "picks_retrievers_first": float((picks == 0).mean()),
+            "mean_p_first": float(torch.cat(p_first).mean()), "n": len(rows), "picks": picks.tolist()}

@@ -28,7 +28,7 @@ STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
-DATA_VERSION = 7
+DATA_VERSION = 8
 
 
 def profile_hash(profile: Profile, *fields: str) -> str:
@@ -39,7 +39,7 @@ def profile_hash(profile: Profile, *fields: str) -> str:
 
 
 DATA_FIELDS = ("dataset", "seed", "synthetic_users", "synthetic_items", "max_users", "history_len", "n_candidates",
-               "train_positions", "max_eval", "sid_levels", "title_words", "teacher_tries")
+               "train_positions", "max_eval", "sid_levels", "title_words", "teacher_tries", "teacher_temperature")
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -160,7 +160,7 @@ def test_teacher_traces_are_longer_than_the_answer(ex):
 
 
 def test_teacher_check_tags_hand_case():
-    """The check step's tags on a hand-made catalogue: each tag is exactly what the prompt shows."""
+    """The check step's tags and points on a hand-made catalogue: each tag is exactly what the prompt shows."""
     from diffgr2_lite.data.catalog import Catalog
     from diffgr2_lite.data.teacher import Teacher, TeacherStats
 
@@ -169,17 +169,37 @@ def test_teacher_check_tags_hand_case():
                   categories=[["Cleansers"], ["Toners"], ["Serums"], ["Cleansers"], ["Toners"], ["Masks"]])
     # after Cleansers: Toners 3 times, Serums twice, Cleansers once, Masks never
     stats = TeacherStats.fit(cat, [[0, 1, 2], [3, 1], [0, 4], [0, 2], [3, 2], [0, 3]])
-    teacher = Teacher(cat, stats)
+    #                 =brand brand+ =cat cat+ next+ first
+    teacher = Teacher(cat, stats, points=[3, 1, 1, 0, 0, 2])
     assert teacher.next_categories(0, k=2) == ["Toners", "Serums"]
     history = [1, 0]                 # Bolt Toners, then Acme Cleansers (the last item)
-    tags = teacher.check(history, [2, 3, 4, 5])
-    assert tags == [["=brand", "next+"],          # Acme like the last item; Serums follow Cleansers
-                    ["brand+", "=cat", "next+"],  # Bolt seen earlier; Cleansers like the last item
-                    ["cat+", "next+"],            # Toners seen earlier (Cora is not) and likely next
-                    ["-"]]                        # no brand, unseen category, not among the three likely next
-    trace = teacher.trace(history, [2, 3, 4, 5], [3, 0, 1, 2], lambda i: (f"<a_{i}>",), top=2, shown=2)
-    assert "step3 check 1 =brand next+ ; 2 brand+ =cat next+ ; 3 cat+ next+ ; 4 - ; pick 4 <a_5>" in trace
-    assert "pick 1 <a_2>" in trace and trace.count("pick") == 2
+    cands = [5, 2, 3, 4]
+    assert teacher.check(history, cands) == [
+        ["first"],                                # no brand, unseen category, not likely next: only its position
+        ["=brand", "next+"],                      # Acme like the last item; Serums follow Cleansers
+        ["brand+", "=cat", "next+"],              # Bolt seen earlier; Cleansers like the last item
+        ["cat+", "next+"]]                        # Toners seen earlier (Cora is not) and likely next
+    assert teacher.scores(history, cands).tolist() == [2, 3, 2, 0]
+    assert teacher.rank(history, cands)[:3] == [1, 0, 2]           # the tie 2 = 2 goes to the retriever's order
+    trace = teacher.trace(history, cands, [1, 0, 2, 3], lambda i: (f"<a_{i}>",), top=2)
+    assert ("step3 check 1 first = 2 ; 2 =brand next+ = 3 ; 3 brand+ =cat next+ = 2 ; 4 cat+ next+ = 0 ; "
+            "pick 2 <a_2> ; pick 1 <a_5> ; rest in retriever order .") in trace
+
+
+def test_teacher_points_fit_the_best_training_recall():
+    """The fitted table is the best of the grid: on examples where the same-brand candidate is always the target,
+    same-brand must outweigh being retrieved first, and the fitted table gets every example right."""
+    from diffgr2_lite.data.catalog import Catalog
+    from diffgr2_lite.data.teacher import Teacher, TeacherStats
+
+    cat = Catalog(item_ids=[f"i{k}" for k in range(4)], titles=["t"] * 4, brands=["A", "B", "A", "C"],
+                  categories=[["X"], ["Y"], ["Z"], ["W"]])
+    teacher = Teacher(cat, TeacherStats.fit(cat, [[0, 1]]))
+    examples = [([0], [1, 2, 3], 1), ([0], [3, 1, 2], 2), ([0], [2, 3, 1], 0)]
+    assert teacher.fit_points(examples) == 1.0
+    assert teacher.points[0] > teacher.points[-1]            # =brand beats first
+    # and with no informative evidence at all, the best table ranks like the retriever (R@1 = share of position 0)
+    assert teacher.fit_points([([0], [1, 3], 0), ([0], [3, 1], 0)]) == 1.0
 
 
 def test_semantic_ids_unique(ex):

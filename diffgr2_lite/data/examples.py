@@ -19,7 +19,7 @@ from ..text import PromptFormat, build_completion, build_prompt, build_vocabular
 from .catalog import InteractionData
 from .retriever import TransitionRetriever, user_folds
 from .semantic_ids import SemanticIds, build_semantic_ids
-from .teacher import FEATURES, Teacher, TeacherStats
+from .teacher import POINT_KEYS, Teacher, TeacherStats
 
 N_FOLDS = 4
 
@@ -91,16 +91,6 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     folds = user_folds(len(train_parts), N_FOLDS, seed)
     fold_retrievers = [TransitionRetriever(len(cat)).fit([p for p, f in zip(train_parts, folds) if f != j])
                        for j in range(N_FOLDS)]
-    # the teacher's co-purchase evidence: a wide co-occurrence model over the whole history, cross-fitted the same way
-    wide = dict(window=10, history_items=50, decay=0.9)
-    wide_full = TransitionRetriever(len(cat), **wide).fit(train_parts)
-    wide_folds = [TransitionRetriever(len(cat), **wide).fit([p for p, f in zip(train_parts, folds) if f != j])
-                  for j in range(N_FOLDS)]
-
-    def co_purchase(split, u, hist, cands):
-        model = wide_folds[folds[u]] if split == "train" else wide_full
-        s = model.scores(hist)
-        return np.maximum(s[cands], 0.0)
 
     def with_candidates(raw, retriever_of):
         kept, total = [], 0
@@ -116,11 +106,11 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     valid_ex, n_valid = with_candidates(valid_raw, lambda u: full_retriever)
     test_ex, n_test = with_candidates(test_raw, lambda u: full_retriever)
 
-    # the teacher: statistics from training parts, weights fitted on (cross-fitted) training examples
+    # the teacher: category transitions from training parts, its points table fitted on (cross-fitted) training examples
     teacher = Teacher(cat, TeacherStats.fit(cat, train_parts))
+    shown = profile.history_len                  # the teacher speaks only of the history the prompt shows
     fit_idx = rng.permutation(len(train_ex))[:20000]
-    teacher.fit_weights([(train_ex[i][1], train_ex[i][3], train_ex[i][4],
-                          co_purchase("train", train_ex[i][0], train_ex[i][1], train_ex[i][3])) for i in fit_idx])
+    teacher_train_r1 = teacher.fit_points([(train_ex[i][1][-shown:], train_ex[i][3], train_ex[i][4]) for i in fit_idx])
 
     def item_repr(i):
         return item_words(sids_of[i], cat.brands[i], cat.leaf(i), cat.titles[i], profile.title_words)
@@ -131,18 +121,17 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     for split, exs in (("train", train_ex), ("valid", valid_ex), ("test", test_ex)):
         for u, hist, target, cands, tpos in tqdm(exs, disable=not progress, desc=f"teacher {split}", leave=False,
                                                  mininterval=2):
-            co = co_purchase(split, u, hist, cands)
             if split == "train":
-                ranking, used = teacher.rejection_sample(hist, cands, tpos, rng, profile.teacher_tries, co_purchase=co)
+                ranking, used = teacher.rejection_sample(hist[-shown:], cands, tpos, rng, profile.teacher_tries,
+                                                         profile.teacher_temperature)
                 draws.append(used)
                 if ranking is None:
                     rejected += 1
                     continue
             else:
-                ranking = teacher.rank(hist, cands, co_purchase=co)     # greedy, and blind to the target
+                ranking = teacher.rank(hist[-shown:], cands)                  # greedy, and blind to the target
             ranked_sids = [sids_of[cands[p]] for p in ranking]
-            reasoning = teacher.trace(hist, cands, ranking, lambda i: sids_of[i], co_purchase=co,
-                                      shown=profile.history_len)
+            reasoning = teacher.trace(hist[-shown:], cands, ranking, lambda i: sids_of[i])
             rows[split].append({
                 "user": data.user_ids[u], "history": hist[-profile.history_len:], "target": int(target),
                 "candidates": cands, "target_pos": int(tpos), "teacher_ranking": ranking,
@@ -169,8 +158,9 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
                         "test": len(test_ex) / max(1, n_test)},
         "examples": {s: len(r) for s, r in rows.items()},
         "rejection": {"kept": len(rows["train"]), "rejected": rejected,
-                      "mean_draws": float(np.mean(draws)) if draws else 0.0, "tries": profile.teacher_tries},
-        "teacher_weights": dict(zip(FEATURES, map(float, teacher.weights))),
+                      "mean_draws": float(np.mean(draws)) if draws else 0.0, "tries": profile.teacher_tries,
+                      "temperature": profile.teacher_temperature},
+        "teacher_points": dict(zip(POINT_KEYS, map(int, teacher.points))), "teacher_train_recall@1": teacher_train_r1,
         "prompt_tokens": fmt.prompt_len, "vocab_size": len(vocab), "seconds": time.time() - t0,
     }
     return ExampleSet(data, sids, fmt, tok, splits, teacher, report)

@@ -1,30 +1,40 @@
 """A programmatic teacher that explains a ranking in words, and rejection sampling of its traces.
 
-GR2 distils reasoning from a 32B LLM. We have no such model, so the teacher is a small program that looks at what a
-reasoning LLM would look at, all observable from the history and the catalogue:
+GR2 distils reasoning from a 32B LLM. We have no such model, so the teacher is a small program. It speaks only of
+evidence **a reader can verify in the prompt**: the brands and categories of the shown history and its last item,
+and which categories usually follow the last one (complements: Cleansers -> Toners, estimated on training
+sequences and named in the trace before they are used).
 
-* the categories and brands in the history, and the last item;
-* which categories usually follow the last one (complements: Cleansers -> Toners), estimated on training sequences;
-* each candidate's category/brand match, its retriever position and its popularity.
+Per candidate it writes tags, and scores each candidate with a small **points table**::
 
-Its candidate score is a linear function of those features, with weights fitted by a 10-way softmax regression on
-the training examples. A trace is three steps, as GR2's teacher writes them: the pattern in the history, the
-category/complement identification, the candidate selection. The selection step first **checks every candidate** in
-retriever order against the evidence a reader can verify in the prompt alone (same brand as the last item, a brand or
-category seen in the shown history, a likely next category), then names the top five (by number, then semantic ID) with their evidence; the other
-five keep the retriever's order, so the answer is always "the picks, then the rest as retrieved" (a rule a small
-model can follow, where an arbitrary order of the weak candidates would have to be memorised).
+    points(c) = sum over tags t of c: w_t   +   w_first * [c is the retriever's first]
 
-Why the check: the decision "which candidate first" is one noisy label per example, and a small model trained from
-scratch on ~12k of them memorises instead of generalising. The check turns the evidence into ten explicit, exactly
-computable tags per example (dense, noise-free supervision), so the pick is made from tags the model has just written.
-On Amazon Beauty these prompt-visible signals alone carry real headroom: a small scorer over them (position, brand and
-category matches, the category transition) reaches R@1 0.38 on validation against the retriever's 0.35.
-Sampling adds Gumbel noise to the scores (a Plackett-Luce draw); **rejection sampling** draws until the top-1 is the
-held-out target (training data only) and drops examples where no draw succeeds, as GR2 does.
+    tags: =brand  same brand as the last item       brand+  a brand seen earlier in the shown history
+          =cat    same category as the last item    cat+    a category seen earlier
+          next+   a category step 2 names as likely next
+
+The integer weights are fitted by exhaustive search for the best training Recall@1 (ties go to the retriever's
+order). A trace is three steps, as GR2's teacher writes them: the pattern in the history, the category/complement
+identification, the candidate selection. Selection **checks every candidate** in retriever order (its tags and
+points), then picks the top five by points, each by number and semantic ID; the other five keep the retriever's
+order, so the answer is always "the picks, then the rest as retrieved".
+
+Why this shape (measured on Amazon Beauty, full profile, one H200, 2026-11-26; ``.device/pick_check.py``): an
+earlier teacher also cited evidence the prompt does not show (co-purchase statistics, popularity) and named only its
+five picks. A student trained on its traces, asked teacher-forced which candidate to pick first, chose the
+retriever's first in 90-100% of validation users: it had learned the prior and none of the evidence, and its free
+decoding fell below the retriever. A decision made from tags the model has just written, each an exact function of
+the prompt, is learnable; one made from facts it cannot see is not. On the same data a points table over these
+tags alone reaches Recall@1 0.37 on validation users against the retriever's 0.35.
+
+Sampling adds Gumbel noise to points / temperature (a Plackett-Luce draw); **rejection sampling** draws until the
+top-1 is the held-out target (training data only) and drops examples where no draw succeeds, as GR2 does. A low
+temperature keeps mostly traces whose pick follows the points, so the student sees one consistent rule rather than
+the label noise of examples no visible evidence explains (those are the hardest examples, and they drop out).
 """
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,19 +43,19 @@ import numpy as np
 from ..text import word_token
 from .catalog import Catalog
 
-FEATURES = ("next_category", "same_brand", "same_category", "brand_of_last", "category_of_last",
-            "co_purchase", "retriever_prior", "popularity")
+TAGS = ("=brand", "brand+", "=cat", "cat+", "next+")
+POINT_KEYS = TAGS + ("first",)
+# the search space of the points table: each tag worth 0-3 points, being retrieved first worth 0-4
+POINT_GRID = tuple([range(4)] * len(TAGS) + [range(5)])
 
 
 @dataclass
 class TeacherStats:
-    """What the teacher knows, all estimated from training sequences only."""
+    """What the teacher knows beyond the prompt: category transitions, estimated from training sequences only."""
 
     leaf_of: np.ndarray               # [n_items] leaf-category index
     leaf_names: list[str]
     transition: np.ndarray            # [n_leaf, n_leaf] P(next leaf | last leaf), smoothed
-    log_popularity: np.ndarray        # [n_items]
-    popular_cut: float                # log-popularity above which an item is called "popular"
 
     @classmethod
     def fit(cls, catalog: Catalog, train_sequences: list[list[int]]) -> "TeacherStats":
@@ -56,124 +66,95 @@ class TeacherStats:
         for seq in train_sequences:
             for a, b in zip(seq[:-1], seq[1:]):
                 counts[leaf_of[a], leaf_of[b]] += 1
-        pop = np.bincount(np.concatenate([np.asarray(s) for s in train_sequences]), minlength=len(catalog)) + 1.0
-        logp = np.log(pop / pop.sum())
-        return cls(leaf_of, names, counts / counts.sum(1, keepdims=True), logp, float(np.quantile(logp, 0.9)))
+        return cls(leaf_of, names, counts / counts.sum(1, keepdims=True))
+
+
+def best_first(scores: np.ndarray) -> list[int]:
+    """Positions by descending score, ties in the retriever's order."""
+    return [int(i) for i in np.lexsort((np.arange(len(scores)), -np.asarray(scores)))]
 
 
 class Teacher:
-    top = 5   # candidates the teacher orders and explains; the rest keep the retriever's order
+    top = 5   # candidates the teacher picks; the rest keep the retriever's order
 
-    def __init__(self, catalog: Catalog, stats: TeacherStats, weights: np.ndarray | None = None):
+    def __init__(self, catalog: Catalog, stats: TeacherStats, points: np.ndarray | None = None):
         self.catalog, self.stats = catalog, stats
-        self.weights = weights if weights is not None else np.ones(len(FEATURES))
+        self.points = np.asarray(points if points is not None else [3, 1, 1, 0, 0, 2], dtype=float)
 
-    # ---------------------------------------------------------------- features and scores
-    def features(self, history: list[int], candidates: list[int], co_purchase=None) -> np.ndarray:
-        """[n_candidates, len(FEATURES)]: the evidence the trace talks about.
-
-        ``co_purchase`` are the candidates' scores under a wide co-occurrence model over the whole history (fitted
-        without the user's own fold for training examples, like the retriever); zeros when not given.
-        """
-        st, cat = self.stats, self.catalog
-        last_leaf = st.leaf_of[history[-1]]
-        last_brand = cat.brands[history[-1]]
-        co = np.zeros(len(candidates)) if co_purchase is None else np.asarray(co_purchase, float)
-        brands = Counter(cat.brands[h] for h in history if cat.brands[h])
-        leaves = Counter(st.leaf_of[h] for h in history)
-        rows = []
-        for pos, c in enumerate(candidates):
-            rows.append([
-                np.log(st.transition[last_leaf, st.leaf_of[c]]),
-                brands.get(cat.brands[c], 0) / len(history) if cat.brands[c] else 0.0,
-                leaves.get(st.leaf_of[c], 0) / len(history),
-                float(last_brand is not None and cat.brands[c] == last_brand),
-                float(st.leaf_of[c] == last_leaf),
-                np.log1p(100.0 * co[pos]),
-                -np.log1p(pos),
-                st.log_popularity[c],
-            ])
-        return np.asarray(rows)
-
-    def scores(self, history: list[int], candidates: list[int], co_purchase=None) -> np.ndarray:
-        return self.features(history, candidates, co_purchase) @ self.weights
-
-    def fit_weights(self, examples, steps: int = 300, lr: float = 0.5) -> None:
-        """Fit the weights by softmax regression over the candidates (target position as the label).
-
-        ``examples``: (history, candidates, target position, co_purchase scores) tuples.
-        """
-        feats = np.stack([self.features(h, c, co) for h, c, _, co in examples])      # [E, N, F]
-        mu, sd = feats.reshape(-1, feats.shape[-1]).mean(0), feats.reshape(-1, feats.shape[-1]).std(0) + 1e-6
-        x = (feats - mu) / sd
-        y = np.array([t for _, _, t, _ in examples])
-        w = np.zeros(x.shape[-1])
-        for _ in range(steps):
-            logits = x @ w
-            p = np.exp(logits - logits.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
-            p[np.arange(len(y)), y] -= 1.0
-            w -= lr * np.einsum("en,enf->f", p, x) / len(y)
-        self.weights = w / sd                      # the offset mu is constant over candidates: it cancels
-
-    # ---------------------------------------------------------------- ranking and traces
-    def rank(self, history: list[int], candidates: list[int], rng: np.random.Generator | None = None,
-             temperature: float = 1.0, co_purchase=None) -> list[int]:
-        """Candidate positions, best first. With ``rng``: a Plackett-Luce sample (Gumbel noise on the scores)."""
-        s = self.scores(history, candidates, co_purchase)
-        if rng is not None:
-            s = s / temperature + rng.gumbel(size=len(s))
-        top = [int(i) for i in np.lexsort((np.arange(len(s)), -s))][: self.top]
-        return top + [i for i in range(len(s)) if i not in top]     # the rest keep the retriever's order
-
-    def rejection_sample(self, history, candidates, target_pos: int, rng: np.random.Generator, tries: int,
-                         temperature: float = 1.0, co_purchase=None) -> tuple[list[int] | None, int]:
-        """Draw rankings until the top-1 is the target. Returns (ranking or None, draws used)."""
-        for k in range(1, tries + 1):
-            ranking = self.rank(history, candidates, rng, temperature, co_purchase)
-            if ranking[0] == target_pos:
-                return ranking, k
-        return None, tries
-
+    # ---------------------------------------------------------------- evidence and points
     def next_categories(self, last: int, k: int = 3) -> list[str]:
         """The k leaf categories that most often follow the last item's (the complements step 2 names)."""
         return [self.stats.leaf_names[j] for j in np.argsort(-self.stats.transition[self.stats.leaf_of[last]])[:k]]
 
-    def check(self, shown_history: list[int], candidates: list[int]) -> list[list[str]]:
-        """Per candidate, the tags a reader can verify from the prompt alone (``shown_history`` = the items it shows).
+    def evidence(self, history: list[int], candidates: list[int]) -> np.ndarray:
+        """[n_candidates, len(POINT_KEYS)] 0/1: each candidate's tags, and whether it was retrieved first.
 
-        ``=brand`` same brand as the last item, ``brand+`` a brand seen earlier in the history, ``=cat`` same category
-        as the last item, ``cat+`` a category seen earlier, ``next+`` a category step 2 names as likely next, ``-`` none.
+        ``history`` is what the prompt shows (the most recent items): every tag can be checked against it.
         """
         cat = self.catalog
-        last = shown_history[-1]
-        brands = {cat.brands[h] for h in shown_history if cat.brands[h]}
-        leaves = {cat.leaf(h) for h in shown_history}
+        last = history[-1]
+        brands = {cat.brands[h] for h in history if cat.brands[h]}
+        leaves = {cat.leaf(h) for h in history}
         nxt = set(self.next_categories(last))
-        out = []
-        for c in candidates:
+        ev = np.zeros((len(candidates), len(POINT_KEYS)))
+        for pos, c in enumerate(candidates):
             brand, leaf = cat.brands[c], cat.leaf(c)
-            tags = []
-            if brand and brand == cat.brands[last]:
-                tags.append("=brand")
-            elif brand and brand in brands:
-                tags.append("brand+")
-            if leaf == cat.leaf(last):
-                tags.append("=cat")
-            elif leaf in leaves:
-                tags.append("cat+")
-            if leaf in nxt:
-                tags.append("next+")
-            out.append(tags or ["-"])
-        return out
+            same_brand = bool(brand) and brand == cat.brands[last]
+            ev[pos] = [same_brand, bool(brand) and not same_brand and brand in brands,
+                       leaf == cat.leaf(last), leaf != cat.leaf(last) and leaf in leaves, leaf in nxt, pos == 0]
+        return ev
 
-    def trace(self, history: list[int], candidates: list[int], ranking: list[int], sid_words, top: int | None = None,
-              co_purchase=None, shown: int | None = None) -> str:
-        """The three-step explanation of ``ranking`` (a list of candidate positions).
+    def check(self, history: list[int], candidates: list[int]) -> list[list[str]]:
+        """Per candidate, its tags as the trace writes them (``first`` for the retriever's first, ``-`` for none)."""
+        ev = self.evidence(history, candidates)
+        return [[t for t, on in zip(POINT_KEYS, row) if on] or ["-"] for row in ev]
 
-        ``shown``: how many of the most recent history items the prompt shows (the check uses only those).
+    def scores(self, history: list[int], candidates: list[int]) -> np.ndarray:
+        return self.evidence(history, candidates) @ self.points
+
+    def fit_points(self, examples) -> float:
+        """Choose the points table with the best Recall@1 on ``examples`` ((history, candidates, target position)).
+
+        Exhaustive over :data:`POINT_GRID` (5,120 tables), vectorised; ties between tables go to the first found.
+        Returns the training Recall@1 of the chosen table.
         """
-        st, cat = self.stats, self.catalog
+        ev = np.stack([self.evidence(h, c) for h, c, _ in examples])             # [E, N, K]
+        target = np.array([t for _, _, t in examples])
+        order_bonus = -1e-3 * np.arange(ev.shape[1])                               # ties: the retriever's order
+        tables = np.array(list(itertools.product(*POINT_GRID)), dtype=float)       # [T, K]
+        best, best_acc = tables[0], -1.0
+        for lo in range(0, len(tables), 256):
+            chunk = tables[lo:lo + 256]
+            s = np.einsum("enk,tk->ten", ev, chunk) + order_bonus                  # [T, E, N]
+            acc = (s.argmax(-1) == target).mean(-1)
+            if acc.max() > best_acc:
+                best, best_acc = chunk[int(acc.argmax())], float(acc.max())
+        self.points = best
+        return best_acc
+
+    # ---------------------------------------------------------------- ranking and traces
+    def rank(self, history: list[int], candidates: list[int], rng: np.random.Generator | None = None,
+             temperature: float = 1.0) -> list[int]:
+        """Candidate positions, best first. With ``rng``: a Plackett-Luce sample (Gumbel noise on points / T)."""
+        s = self.scores(history, candidates)
+        if rng is not None:
+            s = s / temperature + rng.gumbel(size=len(s))
+        top = best_first(s)[: self.top]
+        return top + [i for i in range(len(s)) if i not in top]     # the rest keep the retriever's order
+
+    def rejection_sample(self, history, candidates, target_pos: int, rng: np.random.Generator, tries: int,
+                         temperature: float = 1.0) -> tuple[list[int] | None, int]:
+        """Draw rankings until the top-1 is the target. Returns (ranking or None, draws used)."""
+        for k in range(1, tries + 1):
+            ranking = self.rank(history, candidates, rng, temperature)
+            if ranking[0] == target_pos:
+                return ranking, k
+        return None, tries
+
+    def trace(self, history: list[int], candidates: list[int], ranking: list[int], sid_words,
+              top: int | None = None) -> str:
+        """The three-step explanation of ``ranking`` (candidate positions); ``history`` as the prompt shows it."""
+        cat = self.catalog
         leaves = Counter(cat.leaf(h) for h in history)
         brands = Counter(cat.brands[h] for h in history if cat.brands[h])
         last = history[-1]
@@ -184,28 +165,13 @@ class Teacher:
         for name, n in brands.most_common(2) or [("none", 0)]:
             step1 += [word_token(name), f"x{n}"] if n else ["none"]
         step1 += [";", "last", word_token(cat.leaf(last)), word_token(cat.brands[last] or "no_brand"), "."]
-        next_names = self.next_categories(last)
-        step2 = ["step2", "after", word_token(cat.leaf(last)), "comes", *[word_token(n) for n in next_names], "."]
+        step2 = ["step2", "after", word_token(cat.leaf(last)), "comes",
+                 *[word_token(n) for n in self.next_categories(last)], "."]
         step3 = ["step3", "check"]
-        for pos, tags in enumerate(self.check(history[-shown:] if shown else history, candidates)):
-            step3 += [str(pos + 1), *tags, ";"]
+        points = self.scores(history, candidates)
+        for pos, tags in enumerate(self.check(history, candidates)):
+            step3 += [str(pos + 1), *tags, "=", str(int(points[pos])), ";"]
         for pos in ranking[: top or self.top]:
-            c = candidates[pos]
-            tags = []
-            if cat.leaf(c) in next_names:
-                tags.append("next+")
-            if cat.brands[c] and cat.brands[c] == cat.brands[last]:
-                tags.append("same_brand_as_last")
-            elif cat.brands[c] and cat.brands[c] in brands:
-                tags.append("brand+")
-            if co_purchase is not None and co_purchase[pos] > 0:
-                tags.append("co_bought")
-            if cat.leaf(c) in leaves:
-                tags.append("seen_category")
-            if pos < 3:
-                tags.append(f"retrieved_{pos + 1}")
-            if st.log_popularity[c] >= st.popular_cut:
-                tags.append("popular")
-            step3 += ["pick", str(pos + 1), *sid_words(c), word_token(cat.leaf(c)), ":", *(tags or ["weak"]), ";"]
+            step3 += ["pick", str(pos + 1), *sid_words(candidates[pos]), ";"]
         step3 += ["rest", "in", "retriever", "order", "."]
         return " ".join(step1 + step2 + step3)
