@@ -28,7 +28,7 @@ STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
-DATA_VERSION = 8
+DATA_VERSION = 9
 
 
 def profile_hash(profile: Profile, *fields: str) -> str:
@@ -39,7 +39,8 @@ def profile_hash(profile: Profile, *fields: str) -> str:
 
 
 DATA_FIELDS = ("dataset", "seed", "synthetic_users", "synthetic_items", "max_users", "history_len", "n_candidates",
-               "train_positions", "max_eval", "sid_levels", "title_words", "teacher_tries", "teacher_temperature")
+               "train_positions", "max_eval", "sid_levels", "title_words", "teacher_tries", "teacher_temperature",
+               "reading_ratio")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -69,7 +70,7 @@ def get_examples(profile: Profile, rebuild: bool = False, progress: bool = True)
         try:
             meta = art.read_json(meta_path)
             if meta.get("key") == key:
-                splits = {s: load_from_disk(str(d / "splits" / s)) for s in ("train", "valid", "test")}
+                splits = {s: load_from_disk(str(d / "splits" / s)) for s in ("train", "reading", "valid", "test")}
                 codes = np.load(d / "sids.npy", allow_pickle=False)
                 return ExampleSet(None, SemanticIds(codes, tuple(meta["codebook_sizes"])),
                                   PromptFormat(**meta["format"]), load_tokenizer(d / "tokenizer"), splits, None,
@@ -185,7 +186,8 @@ def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") 
 
 def copy_task(profile: Profile, ex) -> CopyTask:
     """The SID copy task over the training prompts (see :mod:`diffgr2_lite.copy_warmup`)."""
-    rows = ex.splits["train"].select_columns(["prompt_ids", "candidates"]).to_list()
+    rows = [r for s in ("train", "reading")
+            for r in ex.splits[s].select_columns(["prompt_ids", "candidates"]).to_list()]
     return CopyTask(torch.tensor([r["prompt_ids"] for r in rows], dtype=torch.long),
                     candidate_token_ids(rows, ex, ex.tokenizer, "cpu"), ex.tokenizer, profile.device, seed=profile.seed,
                     structured=profile.copy_structured)
@@ -215,11 +217,17 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     """
     import copy
 
+    from datasets import concatenate_datasets
+
     tok = ex.tokenizer
+    cols = ["prompt_ids", "completion_ids"]
     train_ds = ex.splits["train"]
     if variant == "direct":
-        train_ds = train_ds.remove_columns("completion_ids").rename_column("direct_ids", "completion_ids")
-    elif variant != "reasoning":
+        train_ds = train_ds.select_columns(["prompt_ids", "direct_ids"]).rename_column("direct_ids", "completion_ids")
+    elif variant == "reasoning":
+        # the reading examples teach the answer-free opening of the trace on many more prompts (data/teacher.py)
+        train_ds = concatenate_datasets([train_ds.select_columns(cols), ex.splits["reading"].select_columns(cols)])
+    else:
         raise ValueError(f"unknown AR variant {variant!r}; valid: reasoning, direct")
     warm = None
     if profile.copy_steps > 0:

@@ -97,6 +97,11 @@ def build_completion(reasoning: str | None, ranked_sids: list[tuple[str, ...]]) 
     return f"{THINK} {reasoning} {END_THINK} {answer}" if reasoning is not None else answer
 
 
+def build_reading(reading: str) -> str:
+    """A reading example's completion: the opening of a trace, without picks, answer or end (see data/teacher.py)."""
+    return f"{THINK} {reading}"
+
+
 # ----------------------------------------------------------------------------------------------- parsing
 @dataclass
 class ParsedRanking:

@@ -15,7 +15,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import Profile
-from ..text import PromptFormat, build_completion, build_prompt, build_vocabulary, item_words, make_tokenizer, sid_tokens
+from ..text import (PromptFormat, build_completion, build_prompt, build_reading, build_vocabulary, item_words,
+                    make_tokenizer, sid_tokens)
 from .catalog import InteractionData
 from .retriever import TransitionRetriever, user_folds
 from .semantic_ids import SemanticIds, build_semantic_ids
@@ -92,17 +93,20 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     fold_retrievers = [TransitionRetriever(len(cat)).fit([p for p, f in zip(train_parts, folds) if f != j])
                        for j in range(N_FOLDS)]
 
-    def with_candidates(raw, retriever_of):
+    def with_candidates(raw, retriever_of, keep_all=None):
         kept, total = [], 0
         for u, hist, target in tqdm(raw, disable=not progress, desc="retrieving", leave=False, mininterval=2):
             total += 1
             cands = retriever_of(u).top_k(hist, k)
+            if keep_all is not None:
+                keep_all.append((u, hist, cands))
             if target in cands:
                 kept.append((u, hist, target, cands, cands.index(target)))
         return kept, total
 
+    train_lists = []            # every training position's candidate list, target in it or not (reading examples)
     train_ex, n_train_pos = with_candidates(training_positions(train_parts, profile.train_positions),
-                                            lambda u: fold_retrievers[folds[u]])
+                                            lambda u: fold_retrievers[folds[u]], train_lists)
     valid_ex, n_valid = with_candidates(valid_raw, lambda u: full_retriever)
     test_ex, n_test = with_candidates(test_raw, lambda u: full_retriever)
 
@@ -139,6 +143,17 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
                 "completion": build_completion(reasoning, ranked_sids),
                 "completion_direct": build_completion(None, ranked_sids),
             })
+    # reading examples: the answer-free part of the trace on training prompts, target known or not (a multiple of
+    # the rejection-sampled examples; drawn without replacement from every training position)
+    n_read = min(len(train_lists), int(round(profile.reading_ratio * len(rows["train"]))))
+    rows["reading"] = []
+    for i in np.sort(rng.choice(len(train_lists), n_read, replace=False)):
+        u, hist, cands = train_lists[i]
+        rows["reading"].append({
+            "user": data.user_ids[u], "history": hist[-profile.history_len:], "candidates": cands,
+            "prompt": build_prompt(fmt, [item_repr(h) for h in hist], [item_repr(c) for c in cands]),
+            "completion": build_reading(teacher.reading(hist[-shown:], cands)), "completion_direct": "",
+        })
     # evaluation splits are capped (deterministically) to keep every stage's evaluation fast
     for split in ("valid", "test"):
         if len(rows[split]) > profile.max_eval:
@@ -148,7 +163,7 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     from datasets import Dataset
 
     splits = {s: Dataset.from_list(r) for s, r in rows.items()}
-    vocab = build_vocabulary([r["prompt"] + " " + r["completion"] for r in rows["train"]] +
+    vocab = build_vocabulary([r["prompt"] + " " + r["completion"] for s in ("train", "reading") for r in rows[s]] +
                              [r["prompt"] for s in ("valid", "test") for r in rows[s]], sids.codebook_sizes)
     tok = make_tokenizer(vocab)
     report = {

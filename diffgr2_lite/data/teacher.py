@@ -154,6 +154,16 @@ class Teacher:
     def trace(self, history: list[int], candidates: list[int], ranking: list[int], sid_words,
               top: int | None = None) -> str:
         """The three-step explanation of ``ranking`` (candidate positions); ``history`` as the prompt shows it."""
+        picks = []
+        for pos in ranking[: top or self.top]:
+            picks += ["pick", str(pos + 1), *sid_words(candidates[pos]), ";"]
+        return " ".join([self.reading(history, candidates), *picks, "rest", "in", "retriever", "order", "."])
+
+    def reading(self, history: list[int], candidates: list[int]) -> str:
+        """The part of the trace that does not depend on the answer: steps 1-2 and the check of every candidate.
+
+        A pure function of the prompt, so it can be taught on every training prompt, target known or not.
+        """
         cat = self.catalog
         leaves = Counter(cat.leaf(h) for h in history)
         brands = Counter(cat.brands[h] for h in history if cat.brands[h])
@@ -171,7 +181,4 @@ class Teacher:
         points = self.scores(history, candidates)
         for pos, tags in enumerate(self.check(history, candidates)):
             step3 += [str(pos + 1), *tags, "=", str(int(points[pos])), ";"]
-        for pos in ranking[: top or self.top]:
-            step3 += ["pick", str(pos + 1), *sid_words(candidates[pos]), ";"]
-        step3 += ["rest", "in", "retriever", "order", "."]
         return " ".join(step1 + step2 + step3)
