@@ -106,7 +106,7 @@ PROFILES: dict[str, Profile] = {
         synthetic_users=20000, synthetic_items=1200, max_eval=2000, train_positions=50,
         sid_levels=(256, 64), title_words=2,
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
-        reading_ratio=3.0, copy_steps=2000, copy_batch=256, ar_epochs=5.0, ar_lr=1e-3, cft_epochs=2.0, cft_lr=3e-4, batch_size=128,
+        reading_ratio=3.0, copy_steps=2000, copy_batch=256, ar_epochs=10.0, ar_lr=1e-3, cft_epochs=2.0, cft_lr=3e-4, batch_size=128,
         eval_batch=512,
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,

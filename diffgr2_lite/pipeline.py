@@ -28,7 +28,7 @@ STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
-DATA_VERSION = 9
+DATA_VERSION = 10
 
 
 def profile_hash(profile: Profile, *fields: str) -> str:

@@ -175,15 +175,17 @@ def test_teacher_check_tags_hand_case():
     history = [1, 0]                 # Bolt Toners, then Acme Cleansers (the last item)
     cands = [5, 2, 3, 4]
     assert teacher.check(history, cands) == [
-        ["first"],                                # no brand, unseen category, not likely next: only its position
-        ["=brand", "next+"],                      # Acme like the last item; Serums follow Cleansers
-        ["brand+", "=cat", "next+"],              # Bolt seen earlier; Cleansers like the last item
-        ["cat+", "next+"]]                        # Toners seen earlier (Cora is not) and likely next
+        ["first"],                                # no brand, unseen category: only its position
+        ["=brand"],                               # Acme like the last item (next+ is worth no points: not written)
+        ["brand+", "=cat"],                       # Bolt seen earlier; Cleansers like the last item
+        ["-"]]                                    # cat+ and next+ only, both worth nothing
+    assert teacher.evidence(history, cands)[3].tolist() == [0, 0, 0, 1, 1, 0]    # Toners seen earlier, likely next
     assert teacher.scores(history, cands).tolist() == [2, 3, 2, 0]
     assert teacher.rank(history, cands)[:3] == [1, 0, 2]           # the tie 2 = 2 goes to the retriever's order
     trace = teacher.trace(history, cands, [1, 0, 2, 3], lambda i: (f"<a_{i}>",), top=2)
-    assert ("step3 check 1 first = 2 ; 2 =brand next+ = 3 ; 3 brand+ =cat next+ = 2 ; 4 cat+ next+ = 0 ; "
+    assert ("step3 check 1 first = 2 ; 2 =brand = 3 ; 3 brand+ =cat = 2 ; 4 - = 0 ; "
             "pick 2 <a_2> ; pick 1 <a_5> ; rest in retriever order .") in trace
+    assert teacher.reading(history, cands) == trace.split(" pick ")[0]
 
 
 def test_teacher_points_fit_the_best_training_recall():

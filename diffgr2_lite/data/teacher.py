@@ -15,8 +15,8 @@ Per candidate it writes tags, and scores each candidate with a small **points ta
 
 The integer weights are fitted by exhaustive search for the best training Recall@1 (ties go to the retriever's
 order). A trace is three steps, as GR2's teacher writes them: the pattern in the history, the category/complement
-identification, the candidate selection. Selection **checks every candidate** in retriever order (its tags and
-points), then picks the top five by points, each by number and semantic ID; the other five keep the retriever's
+identification, the candidate selection. Selection **checks every candidate** in retriever order (the tags that
+earn it points, and its total), then picks the top five by points, each by number and semantic ID; the other five keep the retriever's
 order, so the answer is always "the picks, then the rest as retrieved".
 
 Why this shape (measured on Amazon Beauty, full profile, one H200, 2026-11-26; ``.device/pick_check.py``): an
@@ -105,8 +105,9 @@ class Teacher:
         return ev
 
     def check(self, history: list[int], candidates: list[int]) -> list[list[str]]:
-        """Per candidate, its tags as the trace writes them (``first`` for the retriever's first, ``-`` for none)."""
-        ev = self.evidence(history, candidates)
+        """Per candidate, the tags that earn it points as the trace writes them (``first`` for the retriever's first,
+        ``-`` for none). Tags worth nothing are left out: every word of the check then bears on the decision."""
+        ev = self.evidence(history, candidates) * (self.points > 0)
         return [[t for t, on in zip(POINT_KEYS, row) if on] or ["-"] for row in ev]
 
     def scores(self, history: list[int], candidates: list[int]) -> np.ndarray:
