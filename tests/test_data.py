@@ -204,6 +204,23 @@ def test_teacher_points_fit_the_best_training_recall():
     assert teacher.fit_points([([0], [1, 3], 0), ([0], [3, 1], 0)]) == 1.0
 
 
+def test_reading_examples_are_answer_free_trace_openings(ex, profile):
+    """Reading examples carry only the target-independent opening of a trace: the same words a full trace starts with
+    for that prompt, and nothing that depends on the answer."""
+    from diffgr2_lite.text import THINK
+
+    reading, train = ex.splits["reading"], ex.splits["train"]
+    assert len(reading) == round(profile.reading_ratio * len(train))
+    for row in reading:
+        c = row["completion"]
+        assert c.startswith(THINK + " step1") and " check " in c
+        assert "pick" not in c.split() and "</think>" not in c and "<answer>" not in c and row["completion_direct"] == ""
+        assert c == f"{THINK} {ex.teacher.reading(row['history'], row['candidates'])}"
+    for row in train.select(range(20)):      # a full trace opens with exactly the reading of its prompt
+        opening = row["completion"].split(" pick ")[0]
+        assert opening == f"{THINK} {ex.teacher.reading(row['history'], row['candidates'])}"
+
+
 def test_semantic_ids_unique(ex):
     codes = ex.sids.codes
     assert ex.sids.uniqueness()["unique"] == 1.0

@@ -67,6 +67,20 @@ def test_both_ar_variants_start_from_one_saved_copy_warmup(stage):
     assert ar_hist["copy_warmup"]["step"] == hist["step"]
 
 
+def test_reading_examples_train_the_reasoning_variant_only(stage):
+    """SFT steps count the rows each variant trains on: reasoning = traces + reading examples, direct = traces."""
+    import math
+
+    ex = pl.get_examples(stage, progress=False)
+    n_train, n_read = len(ex.splits["train"]), len(ex.splits["reading"])
+    assert n_read > 0
+    steps = lambda n: max(1, int(round(stage.ar_epochs * math.ceil(n / stage.batch_size))))
+    _, ar_hist = pl.get_ar(stage, ex, "reasoning")
+    _, direct_hist = pl.get_ar(stage, ex, "direct")
+    assert ar_hist["steps"] == steps(n_train + n_read) and direct_hist["steps"] == steps(n_train)
+    assert len(pl.copy_task(stage, ex).prompts) == n_train + n_read        # the warm-up copies from both
+
+
 def test_damaged_data_cache_is_rebuilt_with_a_message(stage, capsys):
     import shutil
 

@@ -16,16 +16,18 @@ Per candidate it writes tags, and scores each candidate with a small **points ta
 The integer weights are fitted by exhaustive search for the best training Recall@1 (ties go to the retriever's
 order). A trace is three steps, as GR2's teacher writes them: the pattern in the history, the category/complement
 identification, the candidate selection. Selection **checks every candidate** in retriever order (the tags that
-earn it points, and its total), then picks the top five by points, each by number and semantic ID; the other five keep the retriever's
-order, so the answer is always "the picks, then the rest as retrieved".
+earn it points, and its total), then picks the top five by points, each by number and semantic ID; the other five
+keep the retriever's order, so the answer is always "the picks, then the rest as retrieved".
 
-Why this shape (measured on Amazon Beauty, full profile, one H200, 2026-11-26; ``.device/pick_check.py``): an
-earlier teacher also cited evidence the prompt does not show (co-purchase statistics, popularity) and named only its
-five picks. A student trained on its traces, asked teacher-forced which candidate to pick first, chose the
-retriever's first in 90-100% of validation users: it had learned the prior and none of the evidence, and its free
-decoding fell below the retriever. A decision made from tags the model has just written, each an exact function of
-the prompt, is learnable; one made from facts it cannot see is not. On the same data a points table over these
-tags alone reaches Recall@1 0.37 on validation users against the retriever's 0.35.
+Why this shape (Amazon Beauty, full profile, one H200, 2026-11-26;
+``results/checks/2026-11-26-h200-trace-diagnostics.json``): an earlier teacher ranked by a score that also used
+evidence the prompt does not show (co-purchase statistics, popularity) and sampled at temperature 1. A student
+trained on its traces (which already checked every candidate), asked teacher-forced which candidate to pick first,
+chose the retriever's first for 83-100% of validation users at every checkpoint of four SFT variants (learning
+rate, weight decay, epochs, reasoning weight): it had learned the prior and none of the evidence, and
+its free decoding fell below the retriever. When the decision is a fixed function of tags the model has just
+written, each an exact function of the prompt, the student learns it (notebook 02's probe). On the same data the
+points table over these tags reaches Recall@1 0.37 on validation users against the retriever's 0.35.
 
 Sampling adds Gumbel noise to points / temperature (a Plackett-Luce draw); **rejection sampling** draws until the
 top-1 is the held-out target (training data only) and drops examples where no draw succeeds, as GR2 does. A low
