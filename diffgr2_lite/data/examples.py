@@ -5,6 +5,11 @@ Protocol (TIGER / GR2): each user's items in time order; the last is the **test*
 of each training part (target = that item, history = what came before). Only examples whose target is in the
 retriever's top 10 are kept (the paper evaluates the same way), and histories are truncated to the last
 ``history_len`` items in the prompt.
+
+Splits: ``train`` (rejection-sampled traces), ``valid`` and ``test`` (the teacher's greedy ranking, for reference),
+and ``reading``: training prompts drawn from every training position, target in the top 10 or not, whose completion
+is only the answer-free opening of a trace (see ``Teacher.reading``). They teach the reasoning model to read the
+prompt on more data than rejection sampling keeps.
 """
 from __future__ import annotations
 
