@@ -109,7 +109,10 @@ class Teacher:
     def check(self, history: list[int], candidates: list[int]) -> list[list[str]]:
         """Per candidate, the tags that earn it points as the trace writes them (``first`` for the retriever's first,
         ``-`` for none). Tags worth nothing are left out: every word of the check then bears on the decision."""
-        ev = self.evidence(history, candidates) * (self.points > 0)
+        return self._tags(self.evidence(history, candidates))
+
+    def _tags(self, evidence: np.ndarray) -> list[list[str]]:
+        ev = evidence * (self.points > 0)
         return [[t for t, on in zip(POINT_KEYS, row) if on] or ["-"] for row in ev]
 
     def scores(self, history: list[int], candidates: list[int]) -> np.ndarray:
@@ -139,7 +142,9 @@ class Teacher:
     def rank(self, history: list[int], candidates: list[int], rng: np.random.Generator | None = None,
              temperature: float = 1.0) -> list[int]:
         """Candidate positions, best first. With ``rng``: a Plackett-Luce sample (Gumbel noise on points / T)."""
-        s = self.scores(history, candidates)
+        return self._ranking(self.scores(history, candidates), rng, temperature)
+
+    def _ranking(self, s: np.ndarray, rng: np.random.Generator | None, temperature: float) -> list[int]:
         if rng is not None:
             s = s / temperature + rng.gumbel(size=len(s))
         top = best_first(s)[: self.top]
@@ -148,8 +153,9 @@ class Teacher:
     def rejection_sample(self, history, candidates, target_pos: int, rng: np.random.Generator, tries: int,
                          temperature: float = 1.0) -> tuple[list[int] | None, int]:
         """Draw rankings until the top-1 is the target. Returns (ranking or None, draws used)."""
+        s = self.scores(history, candidates)                         # the points are scored once, drawn ``tries`` times
         for k in range(1, tries + 1):
-            ranking = self.rank(history, candidates, rng, temperature)
+            ranking = self._ranking(s, rng, temperature)
             if ranking[0] == target_pos:
                 return ranking, k
         return None, tries
@@ -181,7 +187,8 @@ class Teacher:
         step2 = ["step2", "after", word_token(cat.leaf(last)), "comes",
                  *[word_token(n) for n in self.next_categories(last)], "."]
         step3 = ["step3", "check"]
-        points = self.scores(history, candidates)
-        for pos, tags in enumerate(self.check(history, candidates)):
+        ev = self.evidence(history, candidates)
+        points = ev @ self.points
+        for pos, tags in enumerate(self._tags(ev)):
             step3 += [str(pos + 1), *tags, "=", str(int(points[pos])), ";"]
         return " ".join(step1 + step2 + step3)
