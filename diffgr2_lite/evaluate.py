@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .ar import autocast
 from .metrics import score_parses
 from .text import EOS, decode_tokens, parse_ranking
 
@@ -98,9 +99,9 @@ def first_pick_probe(model, ds, tokenizer, device, n_candidates: int = 10, batch
         for j, s in enumerate(part):                         # right-padded: causal attention never sees the padding
             x[j, :len(s)] = torch.tensor(s)
         last = torch.tensor([len(s) - 1 for s in part], device=device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-            logits = model(x.to(device)).logits
-        lg = logits[torch.arange(len(part), device=device), last][:, numbers].float()
+        with autocast(device):                               # the head only where the pick is read, not everywhere
+            hidden = model.model(input_ids=x.to(device)).last_hidden_state
+            lg = model.lm_head(hidden[torch.arange(len(part), device=device), last])[:, numbers].float()
         picks.append(lg.argmax(-1).cpu())
         p_first.append(lg.softmax(-1)[:, 0].cpu())
     picks = torch.cat(picks).numpy()

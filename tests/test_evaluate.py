@@ -9,20 +9,24 @@ from diffgr2_lite.text import build_vocabulary, make_tokenizer
 
 
 class PositionModel(torch.nn.Module):
-    """Logits that favour candidate number ``(position mod 4) + 1`` at every position: the pick reveals where the
-    probe read the logits."""
+    """A decoder whose head favours candidate number ``(position mod 4) + 1`` at every position: the pick reveals
+    where the probe read it. Shaped like a transformers causal LM (``.model`` gives hidden states, ``.lm_head``)."""
 
     def __init__(self, tok):
         super().__init__()
-        self.numbers = tok.convert_tokens_to_ids(["1", "2", "3", "4"])
-        self.vocab = len(tok)
+        numbers = tok.convert_tokens_to_ids(["1", "2", "3", "4"])
+        self.lm_head = torch.nn.Linear(4, len(tok), bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.zero_()
+            for k, n in enumerate(numbers):
+                self.lm_head.weight[n, k] = 3.0
+        self.model = self._hidden
 
-    def forward(self, x):
-        B, T = x.shape
-        logits = torch.zeros(B, T, self.vocab)
-        for t in range(T):
-            logits[:, t, self.numbers[t % 4]] = 3.0
-        return type("Out", (), {"logits": logits})()
+    @staticmethod
+    def _hidden(input_ids):
+        B, T = input_ids.shape
+        onehot = torch.nn.functional.one_hot(torch.arange(T) % 4, 4).float().expand(B, T, 4)
+        return type("Out", (), {"last_hidden_state": onehot})()
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +61,22 @@ def test_probe_refuses_completions_without_a_trace(tok):
     ds = Dataset.from_list([{"prompt_ids": [5, 6], "completion_ids": [7, 8], "target_pos": 0}])
     with pytest.raises(ValueError, match="reasoning trace"):
         first_pick_probe(PositionModel(tok), ds, tok, "cpu", n_candidates=4)
+
+
+def test_probe_matches_the_full_forward_of_a_real_model(tok):
+    """On a real (tiny, random) Llama the probe's picks are the argmax of the full forward's logits at the pick."""
+    from datasets import Dataset
+
+    from tiny import tiny_model
+
+    model = tiny_model()
+    rows = [row(tok, 3, "1 ;", 0), row(tok, 5, "1 2 3 ;", 2), row(tok, 2, "2 ;", 1)]
+    out = first_pick_probe(model, Dataset.from_list(rows), tok, "cpu", n_candidates=4, batch_size=2)
+    numbers = tok.convert_tokens_to_ids(["1", "2", "3", "4"])
+    expected = []
+    for r in rows:
+        seq = r["prompt_ids"] + r["completion_ids"][: r["completion_ids"].index(tok.convert_tokens_to_ids("pick")) + 1]
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, -1, numbers]
+        expected.append(int(logits.argmax()))
+    assert out["picks"] == expected
