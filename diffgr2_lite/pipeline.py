@@ -199,6 +199,9 @@ def new_model(profile: Profile, ex):
     return build_model(profile.model, len(ex.tokenizer), max_pos, ex.tokenizer, seed=profile.seed).to(profile.device)
 
 
+COPY_WARMUP_FIELDS = DATA_FIELDS + ("device", "model", "copy_steps", "copy_batch", "copy_lr", "copy_structured")
+
+
 def get_copy_warmup(profile: Profile, ex, rebuild: bool = False):
     """The copy-warmed model both AR variants start from (trained once, then loaded). Returns (model, history)."""
     def build():
@@ -206,7 +209,7 @@ def get_copy_warmup(profile: Profile, ex, rebuild: bool = False):
         return model, train_copy(model, copy_task(profile, ex), steps=profile.copy_steps,
                                  batch_size=profile.copy_batch, lr=profile.copy_lr)
 
-    return get_stage_model(profile, ex, "copy_warmup", build, rebuild)
+    return get_stage_model(profile, ex, "copy_warmup", build, rebuild, key_fields=COPY_WARMUP_FIELDS)
 
 
 def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
@@ -364,10 +367,13 @@ def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: floa
     return model, hist
 
 
-def get_stage_model(profile: Profile, ex, stage: str, build, rebuild: bool = False):
-    """Generic load-or-build for a checkpointed stage: ``build()`` returns (model, history)."""
+def get_stage_model(profile: Profile, ex, stage: str, build, rebuild: bool = False, key_fields: tuple[str, ...] = ()):
+    """Generic load-or-build for a checkpointed stage: ``build()`` returns (model, history).
+
+    The checkpoint is reused while the profile fields it depends on are unchanged (``key_fields``; all by default).
+    """
     d = art.stage_dir(profile, stage)
-    key = profile_hash(profile)
+    key = profile_hash(profile, *key_fields)
     if not rebuild and (d / "model" / "meta.json").exists():
         try:
             model, _, meta = load_checkpoint(d / "model", ex.tokenizer, profile.device)

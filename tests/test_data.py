@@ -214,7 +214,8 @@ def test_reading_examples_are_answer_free_trace_openings(ex, profile):
     for row in reading:
         c = row["completion"]
         assert c.startswith(THINK + " step1") and " check " in c
-        assert "pick" not in c.split() and "</think>" not in c and "<answer>" not in c and row["completion_direct"] == ""
+        assert "pick" not in c.split() and "</think>" not in c and "<answer>" not in c
+        assert row["completion_direct"] == ""
         assert c == f"{THINK} {ex.teacher.reading(row['history'], row['candidates'])}"
     for row in train.select(range(20)):      # a full trace opens with exactly the reading of its prompt
         opening = row["completion"].split(" pick ")[0]

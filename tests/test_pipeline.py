@@ -67,6 +67,20 @@ def test_both_ar_variants_start_from_one_saved_copy_warmup(stage):
     assert ar_hist["copy_warmup"]["step"] == hist["step"]
 
 
+def test_copy_warmup_is_kept_when_only_sft_settings_change(stage, capsys):
+    """The warm-up depends on the data, the model size and its own settings; an SFT setting must not retrain it."""
+    from dataclasses import replace
+
+    ex = pl.get_examples(stage, progress=False)
+    warm, _ = pl.get_copy_warmup(stage, ex)
+    capsys.readouterr()
+    again, _ = pl.get_copy_warmup(replace(stage, ar_epochs=stage.ar_epochs * 2, ar_lr=stage.ar_lr / 2), ex)
+    assert pl.model_fingerprint(again) == pl.model_fingerprint(warm)
+    assert "rebuilding" not in capsys.readouterr().out
+    _, hist = pl.get_copy_warmup(replace(stage, copy_steps=stage.copy_steps + 1), ex)
+    assert "rebuilding" in capsys.readouterr().out and hist["step"][-1] == stage.copy_steps + 1
+
+
 def test_reading_examples_train_the_reasoning_variant_only(stage):
     """SFT steps count the rows each variant trains on: reasoning = traces + reading examples, direct = traces."""
     import math
