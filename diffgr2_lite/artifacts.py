@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -33,6 +34,31 @@ def stage_dir(profile, stage: str) -> Path:
     return d
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` is a set-and-restore race)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _keep_mode(tmp: str | Path, final: Path, default: int) -> None:
+    """Give a temporary file or folder the mode ``final`` has (or the umask's default for a new one).
+
+    ``mkstemp``/``mkdtemp`` create 0600/0700 entries: replacing a 0644 README with one would make it owner-only.
+    """
+    try:
+        mode = stat.S_IMODE(final.stat().st_mode)
+    except FileNotFoundError:
+        mode = default & ~_umask()
+    os.chmod(tmp, mode)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +66,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        _keep_mode(tmp, path, 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -75,6 +102,7 @@ def atomic_dir(final: str | Path):
         def __enter__(self):
             final.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+            _keep_mode(self.tmp, final, 0o777)
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):

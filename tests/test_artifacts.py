@@ -208,3 +208,39 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     _, _, meta = load_checkpoint(path)
     assert meta["v"] == 1
     assert listing(tmp_path) == ["ckpt"]
+
+
+# ----------------------------------------------------------------------------------------------- file modes
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_atomic_writes_keep_the_mode_of_what_they_replace(tmp_path, umask_022):
+    new = tmp_path / "new.json"
+    atomic_write_json(new, {"a": 1})
+    assert mode(new) == 0o644                                # the umask's mode, not mkstemp's 0600
+    shared = tmp_path / "README.md"
+    shared.write_text("old")
+    shared.chmod(0o664)
+    atomic_write_text(shared, "new")
+    assert shared.read_text() == "new" and mode(shared) == 0o664
+    with atomic_dir(tmp_path / "ckpt") as tmp:
+        (Path(tmp) / "f").write_text("x")
+    assert mode(tmp_path / "ckpt") == 0o755                  # not mkdtemp's 0700
+    (tmp_path / "ckpt").chmod(0o750)
+    with atomic_dir(tmp_path / "ckpt") as tmp:
+        (Path(tmp) / "f").write_text("y")
+    assert mode(tmp_path / "ckpt") == 0o750
+
+
+def test_checkpoint_files_are_not_owner_only(tmp_path, umask_022):
+    tok = make_tok()
+    save_checkpoint(make_model(tok), tok, tmp_path / "ckpt")
+    assert mode(tmp_path / "ckpt") == 0o755 and mode(tmp_path / "ckpt" / "meta.json") == 0o644
