@@ -127,7 +127,7 @@ def read_json(path: str | Path):
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); delete it to rebuild the stage") from exc
 
 

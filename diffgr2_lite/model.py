@@ -57,18 +57,50 @@ def save_checkpoint(model, tokenizer, path: str | Path, meta: dict | None = None
 
 
 def load_checkpoint(path: str | Path, tokenizer=None, device="cpu"):
-    """Load (model, tokenizer). With ``tokenizer`` given, refuse a checkpoint trained on another vocabulary."""
-    from transformers import LlamaForCausalLM
+    """Load (model, tokenizer). With ``tokenizer`` given, refuse a checkpoint trained on another vocabulary.
 
+    Anything unreadable (a truncated ``model.safetensors``, a malformed ``meta.json``) is a CheckpointError naming the
+    file, so callers that rebuild on CheckpointError rebuild instead of crashing.
+    """
     path = Path(path)
     if not (path / "meta.json").exists() or not (path / "config.json").exists():
         raise CheckpointError(f"no complete checkpoint at {path} (config.json and meta.json expected)")
-    meta = read_json(path / "meta.json")
+    meta = _read_meta(path / "meta.json")
     if tokenizer is not None and meta.get("vocab_fingerprint") != vocab_fingerprint(tokenizer):
         raise CheckpointError(
             f"checkpoint {path} was trained on another vocabulary (fingerprint {meta.get('vocab_fingerprint')}, "
             f"current data {vocab_fingerprint(tokenizer)}); rebuild it from this data or point to the right run")
-    tok = tokenizer or load_tokenizer(path)
-    model = LlamaForCausalLM.from_pretrained(str(path), attn_implementation="sdpa").to(device)
+    try:
+        tok = tokenizer or load_tokenizer(path)
+    except Exception as exc:  # a missing or corrupt tokenizer.json
+        raise CheckpointError(f"the tokenizer of checkpoint {path} is unreadable ({exc})") from exc
+    model = _load_weights(path).to(device)
     model.eval()
     return model, tok, meta
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = read_json(path)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a JSON object; delete it to rebuild the stage")
+    return meta
+
+
+def _load_weights(path: Path):
+    """The model on the CPU; the safetensors headers are opened first so that a damaged one is named."""
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError derives from Exception only
+            raise CheckpointError(f"checkpoint file {f} is unreadable ({exc})") from exc
+    try:
+        return LlamaForCausalLM.from_pretrained(str(path), attn_implementation="sdpa")
+    except Exception as exc:  # missing weights, broken config.json, shapes that do not match
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc})") from exc

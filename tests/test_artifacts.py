@@ -244,3 +244,42 @@ def test_checkpoint_files_are_not_owner_only(tmp_path, umask_022):
     tok = make_tok()
     save_checkpoint(make_model(tok), tok, tmp_path / "ckpt")
     assert mode(tmp_path / "ckpt") == 0o755 and mode(tmp_path / "ckpt" / "meta.json") == 0o644
+
+
+# ----------------------------------------------------------------------------------------------- damaged checkpoints
+@pytest.fixture
+def checkpoint(tmp_path):
+    tok = make_tok()
+    save_checkpoint(make_model(tok), tok, tmp_path / "ckpt", meta={"v": 1})
+    return tmp_path / "ckpt", tok
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_truncated_weights_are_a_checkpoint_error_naming_the_file(checkpoint, keep):
+    path, tok = checkpoint
+    weights = path / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: int(len(blob) * keep)])
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, tok)
+    assert str(weights) in str(e.value)
+
+
+@pytest.mark.parametrize("name, text", [("meta.json", '{"v": 1, "vocab'), ("meta.json", "[1, 2]"),
+                                        ("meta.json", "\udcff"), ("config.json", "{not json")])
+def test_malformed_checkpoint_json_is_a_checkpoint_error_naming_the_file(checkpoint, name, text):
+    path, tok = checkpoint
+    (path / name).write_text(text, errors="surrogateescape")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, tok)
+    assert str(path / name) in str(e.value)
+
+
+def test_missing_weights_or_tokenizer_are_checkpoint_errors(checkpoint):
+    path, tok = checkpoint
+    (path / "tokenizer.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load_checkpoint(path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path, tok)

@@ -103,3 +103,24 @@ def test_damaged_data_cache_is_rebuilt_with_a_message(stage, capsys):
     again = pl.get_examples(stage, progress=False)
     assert "rebuilding" in capsys.readouterr().out
     assert again.splits["valid"]["prompt_ids"] == ex.splits["valid"]["prompt_ids"]
+
+
+def test_corrupt_checkpoint_is_rebuilt_with_a_message_naming_the_file(stage, capsys):
+    ex = pl.get_examples(stage, progress=False)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return pl.new_model(stage, ex), {"build": len(builds)}
+
+    pl.get_stage_model(stage, ex, "probe", build)
+    ckpt = pl.art.stage_dir(stage, "probe") / "model"
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])                     # a save cut short by a full disk
+    capsys.readouterr()
+    _, hist = pl.get_stage_model(stage, ex, "probe", build)
+    assert hist == {"build": 2} and str(weights) in capsys.readouterr().out
+    assert pl.get_stage_model(stage, ex, "probe", build)[1] == {"build": 2}   # the rebuilt one loads
+    (ckpt / "meta.json").write_text('{"key": ')
+    _, hist = pl.get_stage_model(stage, ex, "probe", build)
+    assert hist == {"build": 3} and str(ckpt / "meta.json") in capsys.readouterr().out
