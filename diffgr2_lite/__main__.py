@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,33 +69,46 @@ def mark_injected_cells(path: Path) -> None:
 
 
 def collect_results(profile_name: str) -> Path:
-    """results/<profile>/<stage>.json from the saved run outputs, then the README table generated from them."""
+    """results/<profile>/<stage>.json from the saved run outputs, then the README table generated from them.
+
+    Every file is checked against DESIGN.md section 9 before anything is written, so a truncated or partial run file
+    is named and refused instead of replacing a committed result; writes are atomic. The README shows the full
+    profile only: a smoke run must not replace it.
+    """
     src = art.runs_dir(profile_name)
     dst = art.REPO / "results" / profile_name
-    dst.mkdir(parents=True, exist_ok=True)
-    found = []
-    for stage in (*RESULT_STAGES, "speed"):
-        f = src / stage / "metrics.json"
-        if f.exists():
-            shutil.copyfile(f, dst / f"{stage}.json")
-            found.append(stage)
-    print(f"copied {len(found)} stage files into {dst}: {', '.join(found) or 'none'}")
-    update_readme(dst)
+    stages = (*RESULT_STAGES, "speed")
+    runs = {s: src / s / "metrics.json" for s in stages if (src / s / "metrics.json").exists()}
+    kept = {s: dst / f"{s}.json" for s in stages if s not in runs and (dst / f"{s}.json").exists()}
+    records = {s: art.check_result(f, s) for s, f in {**kept, **runs}.items()}
+    table = results_table(dst, records) if profile_name == "full" else None
+    for stage, f in runs.items():
+        art.atomic_write_text(dst / f"{stage}.json", f.read_text())
+    print(f"copied {len(runs)} stage files into {dst}: {', '.join(runs) or 'none'}")
+    if table is None:
+        print(f"README table not changed: it shows the full profile only, not {profile_name!r}")
+    else:
+        update_readme(table)
     return dst
 
 
-def results_table(result_dir: Path) -> str:
-    """The markdown table of every stage found in ``result_dir`` (generated, never typed by hand)."""
+def results_table(result_dir: Path, records: dict | None = None) -> str:
+    """The markdown table of every stage found in ``result_dir`` (generated, never typed by hand).
+
+    ``records`` (stage -> record, ``speed`` included) stands in for the files, so the table exists before they do.
+    """
+    if records is None:
+        files = {s: result_dir / f"{s}.json" for s in (*RESULT_STAGES, "speed")}
+        records = {s: art.read_json(f) for s, f in files.items() if f.exists()}
     rows, meta = [], None
     names = {"retriever": "retriever order (floor)", "teacher": "programmatic teacher", "ar_direct": "AR, no reasoning",
              "ar": "AR GR2 (free decoding)", "ar_constrained": "AR GR2 (constrained decoding)",
              "naive": "naive conversion", "naive_constrained": "naive + external assignment",
              "cft": "+ CFT", "opd": "+ CFT + OPD", "rl": "+ CFT + OPD + RL"}
     for stage in RESULT_STAGES:
-        f = result_dir / f"{stage}.json"
-        if not f.exists():
+        if stage not in records:
             continue
-        r = art.read_json(f)
+        r = records[stage]
         if meta is None or stage == "ar":        # the header names the device the models ran on
             meta = r
         m, ms = r["metrics"], r["metrics_strict"]
@@ -111,10 +123,9 @@ def results_table(result_dir: Path) -> str:
             f"seed {meta['seed']}, {meta['created']}).\n\n"
             "| system | R@1 | R@3 | NDCG@3 | strict R@1 | valid | R@1 vs AR, 95% paired bootstrap | decoder |\n"
             "|---|---|---|---|---|---|---|---|")
-    speed = result_dir / "speed.json"
     tail = ""
-    if speed.exists():
-        s = art.read_json(speed)
+    if "speed" in records:
+        s = records["speed"]
         tail = ("\n\nSpeed (" + s["device"] + "):\n\n| decoder | batch | B | tau | tokens/s | tokens/forward | speedup | "
                 "R@1 | strict R@1 | valid |\n|---|---|---|---|---|---|---|---|---|---|\n")
         tail += "\n".join(f"| {r['decoder']} | {r['batch']} | {r['block_size']} | {r['tau']} | {r['tokens_per_s']:.0f} | "
@@ -129,14 +140,14 @@ def _strict(row: dict) -> str:
     return "–" if v is None else f"{v:.4f}"
 
 
-def update_readme(result_dir: Path) -> None:
+def update_readme(table: str) -> None:
     readme = art.REPO / "README.md"
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         print("README has no results markers; table not written")
         return
     a, b = text.index(README_START) + len(README_START), text.index(README_END)
-    art.atomic_write_text(readme, text[:a] + "\n" + results_table(result_dir) + "\n" + text[b:])
+    art.atomic_write_text(readme, text[:a] + "\n" + table + "\n" + text[b:])
     print("README results table regenerated")
 
 

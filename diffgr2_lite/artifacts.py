@@ -169,3 +169,60 @@ class Timer:
     def __exit__(self, *a):
         self.s = time.time() - self.t0
         return False
+
+
+# ----------------------------------------------------------------------------------------------- results schema
+METRICS = ("recall@1", "recall@3", "ndcg@3", "ndcg@10", "valid_rate", "duplicate_rate", "dropped_rate",
+           "out_of_set_rate", "malformed_rate", "mean_reasoning_tokens", "mean_answer_tokens")
+DIFFUSION_STAGES = ("naive", "naive_constrained", "cft", "opd", "rl")
+RECORD_SCHEMA = {"device": "str", "profile": "str", "dataset": "str", "seed": "int", "created": "ISO time",
+                 "versions": "object", "n_eval": "int", "split": "str", "metrics": "object",
+                 "metrics_strict": "object"}
+DIFFUSION_SCHEMA = {"block_size": "int", "tau": "number", "tokens_per_forward": "number"}
+VERSIONS_SCHEMA = {"torch": "str", "transformers": "str"}
+SPEED_SCHEMA = {"device": "str", "versions": "object", "rows": "list"}
+SPEED_ROW_SCHEMA = {"decoder": "str", "batch": "int", "block_size": "int", "tau": "number or null",
+                    "tokens_per_s": "number", "ms_per_forward": "number", "tokens_per_forward": "number",
+                    "latency_ms_per_request": "number", "recall@1": "number", "valid_rate": "number", "graphs": "bool"}
+
+
+def _is(value, kind: str) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "ISO time":
+        try:
+            datetime.fromisoformat(value)
+            return True
+        except (TypeError, ValueError):
+            return False
+    return {"str": isinstance(value, str), "int": isinstance(value, int) and not isinstance(value, bool),
+            "number": number, "number or null": number or value is None, "bool": isinstance(value, bool),
+            "object": isinstance(value, dict), "list": isinstance(value, list)}[kind]
+
+
+def _check_keys(obj, schema: dict, path, where: str = "") -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {where.rstrip('.') or 'the file'} should be a JSON object, got {type(obj).__name__}")
+    for key, kind in schema.items():
+        if key not in obj:
+            raise ValueError(f"{path}: missing key {where}{key!r}")
+        if not _is(obj[key], kind):
+            raise ValueError(f"{path}: key {where}{key!r} should be {kind}, got {obj[key]!r:.60}")
+
+
+def check_result(path: str | Path, stage: str) -> dict:
+    """Read a stage's metrics file and check it has every key of DESIGN.md section 9 (extra keys are fine).
+
+    ``results`` runs this on every file before it writes anything, so a truncated or partial run file is named and
+    refused instead of replacing a committed result. Raises ValueError naming the file and the key.
+    """
+    rec = read_json(path)
+    if stage == "speed":
+        _check_keys(rec, SPEED_SCHEMA, path)
+        for i, row in enumerate(rec["rows"]):
+            _check_keys(row, SPEED_ROW_SCHEMA, path, f"rows[{i}].")
+    else:
+        _check_keys(rec, {**RECORD_SCHEMA, **(DIFFUSION_SCHEMA if stage in DIFFUSION_STAGES else {})}, path)
+        for part in ("metrics", "metrics_strict"):
+            _check_keys(rec[part], dict.fromkeys(METRICS, "number"), path, f"{part}.")
+    _check_keys(rec["versions"], VERSIONS_SCHEMA, path, "versions.")
+    return rec

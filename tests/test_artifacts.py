@@ -283,3 +283,62 @@ def test_missing_weights_or_tokenizer_are_checkpoint_errors(checkpoint):
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=str(path)):
         load_checkpoint(path, tok)
+
+
+# ----------------------------------------------------------------------------------------------- results schema
+METRICS = dict.fromkeys(artifacts.METRICS, 0.5)
+
+
+def stage_file(**changes) -> dict:
+    rec = {"stage": "cft", "device": "GPU X", "profile": "full", "dataset": "amazon_beauty", "seed": 0,
+           "created": "2026-11-26T04:39:51+00:00", "versions": {"torch": "2.11", "transformers": "5.17"},
+           "n_eval": 7, "split": "test", "metrics": dict(METRICS), "metrics_strict": dict(METRICS),
+           "block_size": 32, "tau": 1.0, "tokens_per_forward": 1.5, "ci95": {}, "wall_s": 3.0}
+    rec.update(changes)
+    return {k: v for k, v in rec.items() if v is not None}
+
+
+SPEED_ROW = {"decoder": "ar", "batch": 1, "block_size": 1, "tau": None, "tokens_per_s": 1500.0,
+             "ms_per_forward": 0.6, "tokens_per_forward": 1.0, "latency_ms_per_request": 99.0, "recall@1": 0.5,
+             "valid_rate": 0.25, "graphs": True, "speedup_vs_ar": 1.0}
+
+
+def test_check_result_accepts_complete_records_with_extra_keys(tmp_path):
+    path = tmp_path / "cft.json"
+    atomic_write_json(path, stage_file())
+    assert artifacts.check_result(path, "cft")["n_eval"] == 7
+    atomic_write_json(path, stage_file(block_size=None, tau=None, tokens_per_forward=None))
+    assert artifacts.check_result(path, "teacher")["seed"] == 0        # not a diffusion stage: no block_size needed
+    atomic_write_json(path, {"device": "GPU X", "versions": {"torch": "2", "transformers": "5"},
+                             "rows": [SPEED_ROW, {**SPEED_ROW, "decoder": "diffusion", "tau": 0.9}]})
+    assert len(artifacts.check_result(path, "speed")["rows"]) == 2
+
+
+@pytest.mark.parametrize("stage, record, expected", [
+    ("ar", {}, "missing key 'device'"),
+    ("ar", [], "the file should be a JSON object"),
+    ("ar", stage_file(metrics=None), "missing key 'metrics'"),
+    ("ar", stage_file(metrics={**METRICS, "ndcg@10": None}), "key metrics.'ndcg@10' should be number"),
+    ("ar", stage_file(metrics_strict={"recall@1": 0.5}), "missing key metrics_strict.'recall@3'"),
+    ("ar", stage_file(n_eval="7"), "key 'n_eval' should be int"),
+    ("ar", stage_file(created="yesterday"), "key 'created' should be ISO time"),
+    ("ar", stage_file(versions={"torch": "2"}), "missing key versions.'transformers'"),
+    ("cft", stage_file(tau=None), "missing key 'tau'"),
+    ("speed", {"device": "x", "versions": {"torch": "2", "transformers": "5"}, "rows": [{**SPEED_ROW, "graphs": 1}]},
+     "key rows[0].'graphs' should be bool"),
+    ("speed", {"device": "x", "versions": {}, "rows": []}, "missing key versions.'torch'"),
+])
+def test_check_result_names_the_file_and_the_key(tmp_path, stage, record, expected):
+    path = tmp_path / f"{stage}.json"
+    atomic_write_json(path, record)
+    with pytest.raises(ValueError) as e:
+        artifacts.check_result(path, stage)
+    assert str(e.value).startswith(f"{path}: ") and expected in str(e.value)
+
+
+def test_check_result_names_a_truncated_file(tmp_path):
+    path = tmp_path / "ar.json"
+    atomic_write_json(path, stage_file())
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
+        artifacts.check_result(path, "ar")

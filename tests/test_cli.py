@@ -1,7 +1,12 @@
 """The command line and the generated results table."""
 import json
+import os
+from pathlib import Path
 
-from diffgr2_lite.__main__ import main, results_table
+import pytest
+
+from diffgr2_lite import artifacts as art
+from diffgr2_lite.__main__ import README_END, README_START, main, results_table
 
 
 def test_unknown_profile_is_a_clear_error(capsys):
@@ -35,3 +40,89 @@ def test_results_table_is_generated_from_the_files(tmp_path):
 
 def test_results_table_without_results(tmp_path):
     assert "No results yet" in results_table(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- `results` on bad input
+FULL_METRICS = dict.fromkeys(art.METRICS, 0.25)
+README = f"# title\n\n{README_START}\nOLD TABLE\n{README_END}\n\nmore text\n"
+
+
+def _full_record(r1=0.25, **extra):
+    m = {**FULL_METRICS, "recall@1": r1}
+    return {"device": "GPU X", "profile": "full", "dataset": "amazon_beauty", "seed": 0,
+            "created": "2026-11-26T04:39:51+00:00", "versions": {"torch": "2.11", "transformers": "5.17"},
+            "n_eval": 7, "split": "test", "metrics": m, "metrics_strict": m, **extra}
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A repository with a committed results/full/ar.json and README table, and an empty runs folder."""
+    old = os.umask(0o022)
+    monkeypatch.setattr(art, "REPO", tmp_path)
+    monkeypatch.setenv("DIFFGR2_RUNS", str(tmp_path / "runs"))
+    (tmp_path / "README.md").write_text(README)
+    (tmp_path / "results" / "full").mkdir(parents=True)
+    (tmp_path / "results" / "full" / "ar.json").write_text(json.dumps(_full_record(0.125)))
+    yield tmp_path
+    os.umask(old)
+
+
+def run_file(repo: Path, stage: str, text: str, profile: str = "full") -> Path:
+    f = repo / "runs" / profile / stage / "metrics.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(text)
+    return f
+
+
+def snapshot(repo: Path) -> dict:
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
+            if p.is_file() and "runs" not in p.parts}
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (json.dumps(_full_record(0.5))[:50], "is not valid JSON"),
+    ("{}", "missing key 'device'"),
+    (json.dumps({k: v for k, v in _full_record(0.5).items() if k != "metrics"}), "missing key 'metrics'"),
+])
+def test_results_refuses_a_bad_run_file_before_touching_anything(repo, capsys, bad, expected):
+    run_file(repo, "retriever", json.dumps(_full_record(0.5)))           # a good file is not copied either
+    bad_file = run_file(repo, "ar", bad)
+    before = snapshot(repo)
+    assert main(["results"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad_file) in err and expected in err and str(repo / "results") not in err
+    assert snapshot(repo) == before                                     # committed results and README untouched
+
+
+def test_results_copies_valid_runs_keeps_modes_and_ignores_unknown_files(repo, capsys):
+    run_file(repo, "ar", json.dumps(_full_record(0.5)))
+    run_file(repo, "cft", json.dumps(_full_record(0.375, block_size=32, tau=1.0, tokens_per_forward=2.0)))
+    run_file(repo, "train_speed", "not ours")                          # a later stage this command does not know
+    (repo / "results" / "full" / "train_speed.json").write_text("[]")
+    (repo / "README.md").chmod(0o664)
+    assert main(["results"]) == 0
+    assert json.loads((repo / "results" / "full" / "ar.json").read_text())["metrics"]["recall@1"] == 0.5
+    readme = (repo / "README.md").read_text()
+    assert "OLD TABLE" not in readme and "| AR GR2 (free decoding) | 0.5000 |" in readme and "| + CFT | 0.3750 |" in readme
+    assert readme.endswith(f"{README_END}\n\nmore text\n")
+    assert (repo / "README.md").stat().st_mode & 0o777 == 0o664          # not 0600 after the atomic write
+    assert (repo / "results" / "full" / "cft.json").stat().st_mode & 0o777 == 0o644
+    assert (repo / "results" / "full" / "train_speed.json").read_text() == "[]"
+    assert sorted(p.name for p in (repo / "results" / "full").iterdir()) == ["ar.json", "cft.json", "train_speed.json"]
+
+
+def test_results_refuses_a_bad_committed_file_before_writing(repo, capsys):
+    (repo / "results" / "full" / "teacher.json").write_text("{}")
+    run_file(repo, "ar", json.dumps(_full_record(0.5)))
+    before = snapshot(repo)
+    assert main(["results"]) == 2
+    assert str(repo / "results" / "full" / "teacher.json") in capsys.readouterr().err
+    assert snapshot(repo) == before
+
+
+def test_results_of_the_smoke_profile_leave_the_full_table(repo, capsys):
+    run_file(repo, "ar", json.dumps({**_full_record(0.5), "profile": "smoke"}), profile="smoke")
+    assert main(["results", "--profile", "smoke"]) == 0
+    assert (repo / "README.md").read_text() == README
+    assert "full profile only" in capsys.readouterr().out
+    assert json.loads((repo / "results" / "smoke" / "ar.json").read_text())["profile"] == "smoke"
