@@ -34,7 +34,7 @@ def run_notebooks(profile_name: str, only: list[str] | None = None, out_dir: str
     out.mkdir(parents=True, exist_ok=True)
     notebooks = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
     if only:
-        unknown = [o for o in only if not any(nb.stem.startswith(o) for nb in notebooks)]
+        unknown = [o for o in only if not o or not any(nb.stem.startswith(o) for nb in notebooks)]
         if unknown:
             raise ConfigError(f"no notebook matches {unknown}; notebooks: {', '.join(nb.stem for nb in notebooks)}")
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in only)]
@@ -151,13 +151,20 @@ def update_readme(table: str) -> None:
     print("README results table regenerated")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments give one line on stderr and exit 2 (argparse would print the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m diffgr2_lite", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="python -m diffgr2_lite", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="verb", required=True)
     nb = sub.add_parser("notebooks", help="run the notebook series with papermill")
     nb.add_argument("--profile", default=None, help=f"one of {', '.join(PROFILES)} (default: $DIFFGR2_PROFILE or auto)")
-    nb.add_argument("--only", nargs="*", help="notebook number prefixes, e.g. 00 01")
+    nb.add_argument("--only", nargs="+", help="notebook number prefixes, e.g. 00 01")
     nb.add_argument("--out", default=None)
     rs = sub.add_parser("results", help="collect results/<profile>/ and regenerate the README table")
     rs.add_argument("--profile", default="full")
@@ -180,7 +187,7 @@ def main(argv=None) -> int:
             download_amazon_beauty(args.dest, force=args.force)
         elif args.verb == "bench":
             run_notebooks(args.profile or get_profile().name, ["08"])
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -126,3 +126,24 @@ def test_results_of_the_smoke_profile_leave_the_full_table(repo, capsys):
     assert (repo / "README.md").read_text() == README
     assert "full profile only" in capsys.readouterr().out
     assert json.loads((repo / "results" / "smoke" / "ar.json").read_text())["profile"] == "smoke"
+
+
+# ----------------------------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("argv", [["notebooks", "--only"], ["results", "--profile"], ["results", "--bogus"], [],
+                                  ["frobnicate"]])
+def test_bad_arguments_are_one_line_and_exit_2(argv, capsys, monkeypatch):
+    import diffgr2_lite.__main__ as cli
+
+    monkeypatch.setattr(cli, "run_notebooks", lambda *a, **k: pytest.fail("ran notebooks"))
+    monkeypatch.setattr(cli, "collect_results", lambda *a, **k: pytest.fail("collected results"))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "--help" in err
+
+
+def test_empty_notebook_prefix_does_not_select_every_notebook(capsys, monkeypatch):
+    monkeypatch.setattr("papermill.execute_notebook", lambda *a, **k: pytest.fail("ran a notebook"))
+    assert main(["notebooks", "--profile", "smoke", "--only", ""]) == 2
+    assert "no notebook matches" in capsys.readouterr().err
