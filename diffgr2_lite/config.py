@@ -7,14 +7,17 @@ its numbers mean nothing. ``full`` is the profile whose outputs are committed.
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 DATASETS = ("synthetic", "amazon_beauty")
 
 
 class ConfigError(ValueError):
-    """An unknown profile, dataset or stage name."""
+    """An unknown profile, dataset or stage name, or a profile value out of its valid range."""
 
 
 @dataclass(frozen=True)
@@ -145,14 +148,109 @@ def get_profile(name: str | None = None, dataset: str | None = None, **overrides
         if unknown:
             raise ConfigError(f"unknown profile field(s) {unknown}")
         if isinstance(overrides.get("model"), dict):
-            overrides["model"] = ModelSize(**overrides["model"])
+            overrides["model"] = _model_size(overrides["model"])
         for k, v in overrides.items():
             if isinstance(v, list):
                 overrides[k] = tuple(v)
         prof = replace(prof, **overrides)
+    validate_profile(prof)
     if prof.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             prof = replace(prof, device="cpu")
     return prof
+
+
+# ----------------------------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class Range:
+    """Valid values of a numeric field: ``low`` (excluded when ``open_low``) to ``high``; None = unbounded."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False
+
+    def __contains__(self, v) -> bool:
+        return (v > self.low if self.open_low else v >= self.low) and (self.high is None or v <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+POSITIVE, FRACTION, THRESHOLD = Range(0, open_low=True), Range(0, 1), Range(0, 1, open_low=True)
+# Valid range of each numeric field (of every element of a tuple field). A field not listed (a new one included)
+# only has to be a finite number >= 0 of its declared type: list it here when 0 would break something.
+FIELD_RANGES = {
+    "synthetic_users": AT_LEAST_1, "synthetic_items": AT_LEAST_1, "max_users": AT_LEAST_1, "history_len": AT_LEAST_1,
+    "n_candidates": AT_LEAST_1, "train_positions": AT_LEAST_1, "max_eval": AT_LEAST_1, "sid_levels": AT_LEAST_1,
+    "teacher_tries": AT_LEAST_1, "teacher_temperature": POSITIVE,
+    "model.hidden": AT_LEAST_1, "model.layers": AT_LEAST_1, "model.heads": AT_LEAST_1, "model.intermediate": AT_LEAST_1,
+    "copy_batch": AT_LEAST_1, "copy_lr": POSITIVE, "copy_structured": FRACTION,
+    "ar_epochs": POSITIVE, "ar_lr": POSITIVE, "batch_size": AT_LEAST_1, "eval_batch": AT_LEAST_1,
+    "block_size": AT_LEAST_1, "cft_epochs": POSITIVE, "cft_lr": POSITIVE, "cft_ablation_epochs": POSITIVE,
+    "sweep_n": AT_LEAST_1, "opd_tau": THRESHOLD, "opd_prompts": AT_LEAST_1, "opd_rollouts": AT_LEAST_1,
+    "opd_lr": POSITIVE, "rl_prompts": AT_LEAST_1, "rl_group": Range(2), "rl_lr": POSITIVE, "rl_clip": POSITIVE,
+    "bench_prompts": AT_LEAST_1, "bench_batches": AT_LEAST_1, "bench_taus": THRESHOLD,
+    "bench_block_sizes": AT_LEAST_1, "bench_repeats": AT_LEAST_1, "sweep_taus": THRESHOLD,
+    "sweep_block_sizes": AT_LEAST_1,
+}
+
+
+def validate_profile(profile: Profile) -> Profile:
+    """Refuse a profile value that would fail later, far from its cause (``block_size=0``, a negative rate).
+
+    Every field is checked against its declared type and :data:`FIELD_RANGES`; the message names the field and the
+    valid range.
+    """
+    _check_fields(profile)
+    if profile.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {profile.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    if profile.model.hidden % profile.model.heads:
+        raise ConfigError(f"profile field model.hidden={profile.model.hidden} must be a multiple of "
+                          f"model.heads={profile.model.heads}")
+    return profile
+
+
+def _check_fields(obj, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        _check_value(prefix + f.name, getattr(obj, f.name), hints[f.name])
+
+
+def _check_value(name: str, value, hint) -> None:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:          # "int | None"
+        if value is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:                                  # "tuple[int, ...]"
+        if not isinstance(value, tuple) or not value:
+            raise ConfigError(f"profile field {name}={value!r} must be a non-empty tuple")
+        for i, v in enumerate(value):
+            _check_value(f"{name}[{i}]", v, typing.get_args(hint)[0])
+    elif is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise ConfigError(f"profile field {name}={value!r} must be a {hint.__name__}")
+        _check_fields(value, name + ".")
+    elif hint in (int, float):
+        rng = FIELD_RANGES.get(name.split("[")[0], AT_LEAST_0)
+        what = "an integer" if hint is int else "a number"
+        number = isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and value in rng):
+            raise ConfigError(f"profile field {name}={value!r} is invalid: must be {what} {rng}")
+    elif hint is str and not isinstance(value, str):
+        raise ConfigError(f"profile field {name}={value!r} must be a string")
+
+
+def _model_size(d: dict) -> ModelSize:
+    """A ``model`` override given as a dict: every size named, nothing else."""
+    names = [f.name for f in fields(ModelSize)]
+    missing, unknown = [n for n in names if n not in d], sorted(set(d) - set(names))
+    if missing or unknown:
+        wrong = ", ".join([*(f"missing {n}" for n in missing), *(f"unknown {n}" for n in unknown)])
+        raise ConfigError(f"profile field model needs {', '.join(names)} ({wrong})")
+    return ModelSize(**d)
