@@ -142,9 +142,10 @@ def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
     candidates. Otherwise each failure is flagged: ``malformed`` (no answer span, stray tokens, a broken SID),
     ``out_of_set`` (an SID that is not a candidate), ``duplicate`` (a candidate twice), ``dropped`` (a candidate missing).
     """
-    n = len(candidates)
-    fallback = list(range(n))
+    fallback: list[int] = []
     try:
+        n = len(candidates)                                       # inside the guard: candidates may be None
+        fallback = list(range(n))
         tokens = _as_tokens(output)
         if EOS in tokens:
             tokens = tokens[: tokens.index(EOS)]

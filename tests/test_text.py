@@ -282,3 +282,9 @@ def test_parse_ranking_random_inputs_never_raise():
 def test_parse_with_no_candidates_does_not_raise():
     p = parse_ranking("<answer> </answer>", [])
     assert p.ranking == []
+
+
+@pytest.mark.parametrize("candidates", [None, 3, object()])
+def test_parse_with_missing_candidates_does_not_raise(candidates):
+    p = parse_ranking(answer_of(candidates10()), candidates)
+    assert not p.valid and p.malformed and p.ranking == [] and "parser error" in p.notes[0]
