@@ -25,12 +25,14 @@ def runs_dir(profile_name: str, dataset: str | None = None) -> Path:
     return root / (profile_name if dataset is None else f"{profile_name}-{dataset}")
 
 
-def stage_dir(profile, stage: str) -> Path:
+def stage_dir(profile, stage: str, create: bool = True) -> Path:
+    """``runs/<profile>/<stage>``; ``create=False`` for a caller that may fail before writing (no empty folder left)."""
     from .config import PROFILES
 
     default = PROFILES[profile.name].dataset if profile.name in PROFILES else None
     d = runs_dir(profile.name, None if profile.dataset == default else profile.dataset) / stage
-    d.mkdir(parents=True, exist_ok=True)
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
     return d
 
 

@@ -191,6 +191,14 @@ def test_nothing_found(tmp_path, monkeypatch):
         load_amazon_beauty(tmp_path / "nowhere")
 
 
+def test_missing_data_hint_points_into_the_repo_and_to_the_smoke_profile(tmp_path, monkeypatch):
+    with pytest.raises(DataError) as e:
+        load_amazon_beauty(tmp_path / "nowhere")
+    msg = str(e.value)
+    assert str(amazon.REPO_ROOT / "data" / "README.md") in msg and "SOURCE.md" not in msg
+    assert "DIFFGR2_PROFILE=smoke" in msg and 'profile = "smoke"' in msg
+
+
 def test_env_dir_is_searched_first(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFGR2_AMAZON_DIR", str(write_raw(tmp_path / "env")))
     data = load_amazon_beauty()
@@ -375,3 +383,12 @@ def test_download_unreachable(tmp_path, server):
     with pytest.raises(DataError, match="HTTP 404"):
         fetch(tmp_path, server)
     assert not (tmp_path / META_FILE).exists()
+
+
+def test_existing_bad_file_names_the_cli_flag(tmp_path):
+    write_raw(tmp_path)
+    blob = (tmp_path / REVIEWS_FILE).read_bytes()
+    (tmp_path / REVIEWS_FILE).write_bytes(blob[: len(blob) - 12])        # truncated, already in place: not fetched
+    with pytest.raises(DataError) as e:
+        download_amazon_beauty(tmp_path, expected_reviews=len(REVIEWS), progress=False)
+    assert "rerun with --force" in str(e.value) and (tmp_path / REVIEWS_FILE).exists()

@@ -124,3 +124,14 @@ def test_corrupt_checkpoint_is_rebuilt_with_a_message_naming_the_file(stage, cap
     (ckpt / "meta.json").write_text('{"key": ')
     _, hist = pl.get_stage_model(stage, ex, "probe", build)
     assert hist == {"build": 3} and str(ckpt / "meta.json") in capsys.readouterr().out
+
+
+def test_missing_dataset_leaves_no_empty_run_folder(tmp_path, monkeypatch):
+    from diffgr2_lite.data import amazon
+    from diffgr2_lite.data.catalog import DataError
+
+    monkeypatch.setenv("DIFFGR2_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(amazon, "candidate_dirs", lambda: [tmp_path / "no_data"])
+    with pytest.raises(DataError, match="Amazon Beauty data not found"):
+        pl.get_examples(get_profile("full"), progress=False)
+    assert not (tmp_path / "runs").exists()

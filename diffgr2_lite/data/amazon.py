@@ -46,8 +46,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT / "data" / "amazon_beauty"   # where `download-amazon` should put the files
 DOWNLOAD_HINT = (
     "Get the data with `python -m diffgr2_lite download-amazon` (fetches {raw} into {dest}), "
-    "or copy the processed pair {seq} and {items} (see shared/data/amazon_beauty/SOURCE.md) under {dest}, "
-    "or point ${env} at a folder holding either pair."
+    "or copy the processed pair {seq} and {items} (see {readme}) under {dest}, "
+    "or point ${env} at a folder holding either pair.\n"
+    "To run without it, use the synthetic smoke profile: DIFFGR2_PROFILE=smoke, "
+    "or profile = \"smoke\" in the notebook's parameters cell."
 )
 BRAND_PLACEHOLDERS = {"", "unknown", "generic"}
 # starts with a literal so the regex engine can skip ahead fast (8x faster than a leading ['"] on the meta lines);
@@ -315,7 +317,8 @@ def load_amazon_beauty(root: str | Path | None = None) -> InteractionData:
                 have, lack = (a, b) if a.is_file() else (b, a)
                 partial.append(f"found {have} but not {lack}")
     hint = DOWNLOAD_HINT.format(raw=f"{REVIEWS_FILE} and {META_FILE}", dest=DEFAULT_DATA_DIR,
-                                seq=SEQUENCES_FILE, items=ITEMS_FILE, env=ENV_VAR)
+                                seq=SEQUENCES_FILE, items=ITEMS_FILE, env=ENV_VAR,
+                                readme=REPO_ROOT / "data" / "README.md")
     msg = "Amazon Beauty data not found. Looked for:\n  " + "\n  ".join(looked)
     if partial:
         msg += "\nIncomplete pairs (both files of a pair are needed):\n  " + "\n  ".join(partial)
@@ -449,7 +452,7 @@ def download_amazon_beauty(dest: str | Path, urls: dict | None = None, force: bo
             use[key].unlink(missing_ok=True)
             what = f"the downloaded {names[key]} was removed (final file {final[key]} not created)"
         else:
-            what = f"the existing {final[key]} fails: rerun with force=True to fetch it again"
+            what = f"the existing {final[key]} fails: rerun with --force (force=True in Python) to fetch it again"
         raise DataError(f"verification of {names[key]} failed: {err}\n{what}") from None
 
     try:
