@@ -2,7 +2,8 @@
 
 SFT minimises GR2's decoupled loss on the completion only (see :mod:`diffgr2_lite.batches`). Decoding is greedy
 (or sampled) token by token with a KV cache; in *constrained* mode the answer is forced to be a permutation of the
-candidates by masking, at each answer position, every token that would start a used or out-of-set SID
+candidates by masking, at each answer position, every token that would repeat a candidate or leave the candidate set:
+at a label only the labels not yet written, at a SID code only the next code of the labelled candidate
 ("left-to-right masking": easy for an AR decoder, which writes the answer in order; a parallel decoder cannot do it).
 """
 from __future__ import annotations
@@ -133,32 +134,43 @@ def train(model, train_ds, tokenizer, *, loss_fn=sft_loss, epochs: float, lr: fl
 class AnswerConstraint:
     """Left-to-right masking that keeps an AR answer a permutation of the candidates (vectorised over the batch).
 
-    Free until ``<answer>`` is written; then each SID position allows only codes that extend an unused candidate;
-    after the 10th SID only ``</answer>``, then only ``<eos>``. If the budget runs short, ``<answer>`` is forced.
+    Free until ``<answer>`` is written. Inside the answer, items are ``[k] SID``: a label slot allows only the labels
+    of candidates not yet written, and each SID slot allows only the next code of the candidate that label names (an
+    exact copy). After the N-th item only ``</answer>``, then only ``<eos>``. If the budget runs short, ``<answer>`` is
+    forced.
     """
 
     def __init__(self, cand_ids: torch.Tensor, tokenizer, budget: int):
+        from .text import label_token
+
         self.c = cand_ids                                  # [B, N, L] token ids of the candidates' SIDs
         b, n, self.L = cand_ids.shape
+        dev = cand_ids.device
+        self.labels = torch.tensor(tokenizer.convert_tokens_to_ids([label_token(k) for k in range(n)]), device=dev)
         self.answer_id = tokenizer.convert_tokens_to_ids(ANSWER)
         self.end_id = tokenizer.convert_tokens_to_ids(END_ANSWER)
         self.eos_id = tokenizer.eos_token_id
-        self.phase = torch.zeros(b, dtype=torch.long, device=cand_ids.device)   # 0 reasoning, 1 answer, 2 closed, 3 done
-        self.pos = torch.zeros(b, dtype=torch.long, device=cand_ids.device)     # tokens written inside the answer
-        self.used = torch.zeros(b, n, dtype=torch.bool, device=cand_ids.device)
-        self.match = torch.ones(b, n, dtype=torch.bool, device=cand_ids.device)
+        self.phase = torch.zeros(b, dtype=torch.long, device=dev)   # 0 reasoning, 1 answer, 2 closed, 3 done
+        self.pos = torch.zeros(b, dtype=torch.long, device=dev)     # tokens written inside the answer
+        self.used = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        self.current = torch.zeros(b, dtype=torch.long, device=dev)  # the candidate whose SID is being written
         self.budget, self.t = budget, 0
-        self.answer_len = n * self.L + 2                   # SIDs, </answer>, <eos>
+        self.item_len = self.L + 1
+        self.answer_len = n * self.item_len + 2            # items, </answer>, <eos>
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         b, n = self.used.shape
+        rows = torch.arange(b, device=logits.device)
         allowed = torch.zeros_like(logits, dtype=torch.bool)
-        level = self.pos % self.L
-        in_answer = (self.phase == 1) & (self.pos < n * self.L)
-        ok = ~self.used & self.match & in_answer[:, None]                       # [B, N]
-        codes = self.c.gather(2, level[:, None, None].expand(b, n, 1)).squeeze(2)
-        allowed.scatter_(1, torch.where(ok, codes, torch.zeros_like(codes)), ok)
-        closing = (self.phase == 1) & (self.pos >= n * self.L)
+        in_answer = (self.phase == 1) & (self.pos < n * self.item_len)
+        slot = self.pos % self.item_len
+        at_label = in_answer & (slot == 0)
+        label_ok = ~self.used & at_label[:, None]                                   # [B, N]
+        allowed[rows[:, None].expand(b, n)[label_ok], self.labels.expand(b, n)[label_ok]] = True
+        at_code = in_answer & (slot > 0)
+        code = self.c[rows, self.current, (slot - 1).clamp(min=0)]
+        allowed[rows[at_code], code[at_code]] = True
+        closing = (self.phase == 1) & (self.pos >= n * self.item_len)
         allowed[closing, self.end_id] = True
         allowed[self.phase >= 2, self.eos_id] = True
         free = self.phase == 0
@@ -171,16 +183,13 @@ class AnswerConstraint:
         return logits.masked_fill(~allowed, float("-inf"))
 
     def update(self, tok: torch.Tensor) -> None:
-        b, n = self.used.shape
+        n = self.used.shape[1]
         self.t += 1
-        in_ans = (self.phase == 1) & (self.pos < n * self.L)
-        level = self.pos % self.L
-        codes = self.c.gather(2, level[:, None, None].expand(b, n, 1)).squeeze(2)
-        self.match &= ~in_ans[:, None] | (codes == tok[:, None])
-        finished_sid = in_ans & (level == self.L - 1)
-        self.used |= finished_sid[:, None] & self.match & ~self.used
-        self.match |= finished_sid[:, None]
-        self.pos += in_ans.long()
+        in_answer = (self.phase == 1) & (self.pos < n * self.item_len)
+        is_label = (tok[:, None] == self.labels[None]) & (in_answer & (self.pos % self.item_len == 0))[:, None]
+        self.current = torch.where(is_label.any(1), is_label.float().argmax(1), self.current)
+        self.used |= is_label
+        self.pos += in_answer.long()
         self.phase = torch.where((self.phase == 0) & (tok == self.answer_id), torch.ones_like(self.phase), self.phase)
         self.phase = torch.where((self.phase == 1) & (tok == self.end_id), torch.full_like(self.phase, 2), self.phase)
         self.phase = torch.where((self.phase == 2) & (tok == self.eos_id), torch.full_like(self.phase, 3), self.phase)

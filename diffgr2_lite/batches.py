@@ -5,7 +5,9 @@ Shared by AR SFT and every diffusion stage. The completion's weights carry GR2's
     L = -(lambda_r * sum log p(reasoning tokens) + lambda_o * sum log p(answer tokens)) / (number of weighted tokens)
 
 Reasoning is everything up to ``</think>``; the answer is ``<answer> ... </answer> <eos>``. The prompt never has a
-weight. Completions are padded with ``<eos>`` (AR ignores everything after the first one; the block-diffusion model
+weight. The *decision* (the label after ``pick``, or the first label of a direct answer) is further multiplied by the
+row's ``decision_weight``: 0 for reading examples, whose pick is drawn at random (see data/examples.py).
+Completions are padded with ``<eos>`` (AR ignores everything after the first one; the block-diffusion model
 learns to fill the rest of its last block with it, which is how a parallel decoder says "finished").
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ def make_batch(rows, tokenizer, lambda_r: float = 1.0, lambda_o: float = 1.0, mu
                min_len: int = 0) -> Batch:
     """Stack rows (dicts with ``prompt_ids`` and ``completion_ids``) into a :class:`Batch`."""
     eos, answer = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(ANSWER)
+    pick = tokenizer.convert_tokens_to_ids("pick")
     prompts = [r["prompt_ids"] for r in rows]
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("prompts in a batch must have the same length (the prompt format is fixed-length)")
@@ -62,15 +65,31 @@ def make_batch(rows, tokenizer, lambda_r: float = 1.0, lambda_o: float = 1.0, mu
         weight[i, :start] = lambda_r
         weight[i, start:end] = lambda_o
         is_answer[i, start:end] = True
+        decision = decision_index(c, pick, answer)
+        if decision is not None and decision < end:
+            weight[i, decision] *= float(rows[i].get("decision_weight", 1.0))
         length[i] = end
     return Batch(torch.tensor(prompts, dtype=torch.long), comp, weight, is_answer, length)
+
+
+def decision_index(completion: list[int], pick_id: int, answer_id: int) -> int | None:
+    """Where the decision is written: the token after ``pick`` in a trace, else the first token of the answer."""
+    if pick_id in completion:
+        return completion.index(pick_id) + 1
+    if answer_id in completion:
+        return completion.index(answer_id) + 1
+    return None
 
 
 def iterate_batches(ds, batch_size: int, shuffle: bool, seed: int, **kw):
     """Yield :class:`Batch` objects over a tokenised dataset (length-bucketed when shuffling: less padding)."""
     import numpy as np
 
-    rows = ds.select_columns(["prompt_ids", "completion_ids"]).to_list() if hasattr(ds, "select_columns") else ds
+    if hasattr(ds, "select_columns"):
+        cols = [c for c in ("prompt_ids", "completion_ids", "decision_weight") if c in ds.column_names]
+        rows = ds.select_columns(cols).to_list()
+    else:
+        rows = ds
     n = len(rows)
     order = np.arange(n)
     if shuffle:

@@ -55,7 +55,7 @@ def fixed_rankings(ds, example_set, column: str | None) -> dict:
     for r in rows:
         sids = [example_set.sid_words(c) for c in r["candidates"]]
         order = r[column] if column else list(range(len(sids)))
-        parses.append(parse_ranking(build_answer([sids[p] for p in order]), sids))
+        parses.append(parse_ranking(build_answer(sids, order), sids))
     scored = score_parses(parses, [r["target_pos"] for r in rows])
     scored.update(parses=parses, n=len(rows))
     return scored
@@ -79,11 +79,13 @@ def first_pick_probe(model, ds, tokenizer, device, n_candidates: int = 10, batch
 
     Everything before the first pick (history pattern, complements, the check of every candidate) is a function of
     the prompt alone, so feeding the teacher's version isolates the *decision* from the model's skill at writing the
-    trace. The model's next token is a candidate number; its argmax over "1".."N" is the pick. Returns the pick's
+    trace. The model's next token is a candidate label; its argmax over ``[1]``..``[N]`` is the pick. Returns the pick's
     Recall@1 on ``ds``, how often it is the retriever's first, and the mean probability given to that one.
     """
     pick_id = tokenizer.convert_tokens_to_ids("pick")
-    numbers = torch.tensor(tokenizer.convert_tokens_to_ids([str(k) for k in range(1, n_candidates + 1)]),
+    from .text import label_token
+
+    numbers = torch.tensor(tokenizer.convert_tokens_to_ids([label_token(k) for k in range(n_candidates)]),
                            device=device)
     rows = ds.select_columns(["prompt_ids", "completion_ids", "target_pos"]).to_list()
     seqs = []

@@ -276,9 +276,10 @@ class FastDiffusionDecoder(_Decoder):
     """
 
     def __init__(self, model, batch_size: int, prompt_len: int, max_blocks: int, block_size: int, mask_id: int,
-                 eos_id: int, tau: float = 1.0, graphs: bool = True):
+                 eos_id: int, tau: float = 1.0, graphs: bool = True, sub_block: int | None = None):
         super().__init__(model, batch_size, prompt_len, prompt_len + max_blocks * block_size, graphs)
         self.max_blocks, self.B, self.mask_id, self.eos_id, self.tau = max_blocks, block_size, mask_id, eos_id, tau
+        self.sub_block = sub_block
         n, B, dev = batch_size, block_size, self.device
         long = dict(dtype=torch.long, device=dev)
         self.start = torch.zeros((), **long)                        # first position of the current block
@@ -317,7 +318,7 @@ class FastDiffusionDecoder(_Decoder):
     def _commit(self, pred_logits: torch.Tensor) -> None:
         """The sampler's rule, on device: commit every masked position with p >= tau, plus the most confident one."""
         tok, conf = _choose(pred_logits, 0.0, None)
-        commit = commit_rule(conf, self.committed, self.tau)
+        commit = commit_rule(conf, self.committed, self.tau, self.sub_block)
         self.canvas.copy_(torch.where(commit, tok, self.canvas))
         self.step_of.copy_(torch.where(commit, self.k, self.step_of))
         self.steps += (~self.committed).any(-1).long()

@@ -28,7 +28,7 @@ STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
-DATA_VERSION = 10
+DATA_VERSION = 11
 
 
 def profile_hash(profile: Profile, *fields: str) -> str:
@@ -296,8 +296,11 @@ def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | No
         if assign:
             from .diffusion.assignment import assign_answer
 
+            from .text import label_token
+
+            labels = tok.convert_tokens_to_ids([label_token(k) for k in range(len(rows[0]["candidates"]))])
             out["tokens"] = assign_answer(model, prompt, res.tokens, candidate_token_ids(rows, ex, tok, prompt.device),
-                                          B, tok.mask_token_id, tok.convert_tokens_to_ids("<answer>"))
+                                          B, tok.mask_token_id, tok.convert_tokens_to_ids("<answer>"), labels)
         return out
 
     return decode

@@ -2,10 +2,19 @@
 
 Every "word" of the format is one whitespace-separated token, so the tokenizer is a word-level one (built with the
 ``tokenizers`` library, wrapped as a transformers fast tokenizer). An item is written as its semantic ID (one token per
-level, ``<a_3> <b_17> <c_0>``) followed by a few words; the answer is exactly the 10 candidate SIDs::
+level, ``<a_3> <b_17> <c_0>``) followed by a few words. Candidates carry a **label** ``[1]`` ... ``[10]`` in the
+prompt (RankGPT-style), the reasoning refers to them by label, and the answer writes each ranked candidate as its
+label followed by its SID::
 
-    prompt     = <bos> <user> history : ITEM x H ; candidates : ITEM x 10 <assistant>
-    completion = <think> reasoning </think> <answer> SID x 10 </answer> <eos>
+    prompt     = <bos> <user> history : ITEM x H  candidates : ([k] ITEM) x 10 <assistant>
+    completion = <think> reasoning </think> <answer> ([k] SID) x 10 </answer> <eos>
+
+Why labels (a deviation from the paper, whose answer is the bare SIDs): a small model trained from scratch must copy
+every SID code exactly, and candidates share SID prefixes with each other and with history items, so "the code that
+follows ``<a_31>``" is ambiguous. A label in front of the SID makes every copy a one-step lookup (find ``[k]`` in the
+prompt, copy what follows it), and keeps track of which candidates are already written with 10 fixed tokens. The
+answer is still judged by its SIDs alone: a duplicated, dropped or out-of-set SID is exactly as invalid as in the
+paper, so the structural gap of a parallel decoder stays the paper's.
 
 Prompts have a fixed length (short histories are left-filled with ``<pad>`` item slots), so a batch of prompts is a
 plain rectangle: no padding masks, identical positions in every row, static shapes for CUDA graphs.
@@ -24,12 +33,24 @@ THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</ans
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, MASK, USER, ASSISTANT, THINK, END_THINK, ANSWER, END_ANSWER]
 LEVEL_NAMES = "abcdefgh"
 _SID_RE = re.compile(r"^<([a-h])_(\d+)>$")
+_LABEL_RE = re.compile(r"^\[(\d+)\]$")
 _WORD_RE = re.compile(r"[a-z0-9]+")
 
 
 def sid_tokens(codes) -> tuple[str, ...]:
     """Semantic-ID codes (one int per level) -> their tokens, e.g. (3, 17, 0) -> ('<a_3>', '<b_17>', '<c_0>')."""
     return tuple(f"<{LEVEL_NAMES[level]}_{int(c)}>" for level, c in enumerate(codes))
+
+
+def label_token(position: int) -> str:
+    """The label of the candidate at 0-based ``position`` in the retriever's list: 0 -> '[1]'."""
+    return f"[{int(position) + 1}]"
+
+
+def label_position(token: str) -> int | None:
+    """'[3]' -> 2 (the 0-based candidate position); None for any other token."""
+    m = _LABEL_RE.match(str(token))
+    return int(m.group(1)) - 1 if m else None
 
 
 def word_token(text: str) -> str:
@@ -46,7 +67,8 @@ def title_words(title: str, k: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------- the format
 @dataclass(frozen=True)
 class PromptFormat:
-    """Fixed-length prompt layout: ``history_len`` item slots, ``n_candidates`` candidates, ``title_words`` per item."""
+    """Fixed-length prompt layout: ``history_len`` item slots, ``n_candidates`` labelled candidates, ``title_words``
+    per item."""
 
     history_len: int
     n_candidates: int
@@ -59,11 +81,11 @@ class PromptFormat:
 
     @property
     def prompt_len(self) -> int:
-        return 7 + (self.history_len + self.n_candidates) * self.item_len
+        return 7 + self.history_len * self.item_len + self.n_candidates * (self.item_len + 1)
 
     @property
     def answer_len(self) -> int:
-        return 2 + self.n_candidates * self.sid_len + 1        # <answer> SIDs </answer> <eos>
+        return 2 + self.n_candidates * (self.sid_len + 1) + 1  # <answer> ([k] SID) x N </answer> <eos>
 
 
 def item_words(sid: tuple[str, ...], brand: str | None, category: str, title: str, n_title: int) -> list[str]:
@@ -71,7 +93,10 @@ def item_words(sid: tuple[str, ...], brand: str | None, category: str, title: st
 
 
 def build_prompt(fmt: PromptFormat, history: list[list[str]], candidates: list[list[str]]) -> str:
-    """Join item word lists into the fixed-length prompt (the most recent ``history_len`` items are kept)."""
+    """Join item word lists into the fixed-length prompt (the most recent ``history_len`` items are kept).
+
+    Each candidate is preceded by its label, ``[1]`` for the retriever's first.
+    """
     if len(candidates) != fmt.n_candidates:
         raise ValueError(f"expected {fmt.n_candidates} candidates, got {len(candidates)}")
     hist = history[-fmt.history_len:]
@@ -80,26 +105,25 @@ def build_prompt(fmt: PromptFormat, history: list[list[str]], candidates: list[l
     for item in pad_slots + hist:
         words += item
     words += ["candidates", ":"]
-    for item in candidates:
-        words += item
+    for pos, item in enumerate(candidates):
+        words += [label_token(pos), *item]
     words += [ASSISTANT]
     assert len(words) == fmt.prompt_len, (len(words), fmt.prompt_len)
     return " ".join(words)
 
 
-def build_answer(ranked_sids: list[tuple[str, ...]]) -> str:
-    return " ".join([ANSWER, *[t for sid in ranked_sids for t in sid], END_ANSWER, EOS])
+def build_answer(candidates: list[tuple[str, ...]], order: list[int] | None = None) -> str:
+    """``<answer> [k] SID ... </answer> <eos>``: the candidates (SIDs in retriever order) ranked by ``order``
+    (0-based positions; default: the retriever's order)."""
+    order = list(range(len(candidates))) if order is None else order
+    body = [t for p in order for t in (label_token(p), *candidates[p])]
+    return " ".join([ANSWER, *body, END_ANSWER, EOS])
 
 
-def build_completion(reasoning: str | None, ranked_sids: list[tuple[str, ...]]) -> str:
+def build_completion(reasoning: str | None, candidates: list[tuple[str, ...]], order: list[int]) -> str:
     """Reasoning (None for the direct, no-reasoning variant) followed by the ranked answer and the end token."""
-    answer = build_answer(ranked_sids)
+    answer = build_answer(candidates, order)
     return f"{THINK} {reasoning} {END_THINK} {answer}" if reasoning is not None else answer
-
-
-def build_reading(reading: str) -> str:
-    """A reading example's completion: the opening of a trace, without picks, answer or end (see data/teacher.py)."""
-    return f"{THINK} {reading}"
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -135,25 +159,41 @@ def _as_tokens(output) -> list[str]:
         return []
 
 
+def read_sid(body: list[str], i: int, sid_len: int) -> tuple[str, ...] | None:
+    """The SID starting at ``body[i]`` if the next ``sid_len`` tokens are one code per level, in level order."""
+    chunk = tuple(body[i:i + sid_len])
+    levels = [_SID_RE.match(t) for t in chunk]
+    if len(chunk) == sid_len and all(m and m.group(1) == LEVEL_NAMES[k] for k, m in enumerate(levels)):
+        return chunk
+    return None
+
+
 def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
     """Parse a completion (a string or a list of token strings) against the 10 candidate SIDs. Never raises.
 
-    Valid means: an ``<answer> ... </answer>`` span whose tokens split exactly into SIDs that form a permutation of the
-    candidates. Otherwise each failure is flagged: ``malformed`` (no answer span, stray tokens, a broken SID),
-    ``out_of_set`` (an SID that is not a candidate), ``duplicate`` (a candidate twice), ``dropped`` (a candidate missing).
+    Valid means: an ``<answer> ... </answer>`` span whose items are SIDs, each optionally preceded by a label, that
+    form a permutation of the candidates. **The SIDs decide**: a label is an anchor for the writer, not part of the
+    ranking (a label that names another candidate than its SID is noted, not scored). Otherwise each failure is
+    flagged: ``malformed`` (no answer span, stray tokens, a broken SID), ``out_of_set`` (an SID that is not a
+    candidate), ``duplicate`` (a candidate twice), ``dropped`` (a candidate missing).
     """
     fallback: list[int] = []
     try:
-        n = len(candidates)                                       # inside the guard: candidates may be None
+        candidates = [tuple(c) for c in candidates]               # inside the guard: candidates may be None
+        n = len(candidates)
         fallback = list(range(n))
         tokens = _as_tokens(output)
         if EOS in tokens:
             tokens = tokens[: tokens.index(EOS)]
-        index = {tuple(c): i for i, c in enumerate(candidates)}
+        index = {c: i for i, c in enumerate(candidates)}
         sid_len = len(candidates[0]) if candidates else 3
         res = ParsedRanking(ranking=fallback, model_ranking=[], valid=False)
         res.reasoning_tokens = tokens.index(END_THINK) - tokens.index(THINK) - 1 if (
             THINK in tokens and END_THINK in tokens and tokens.index(END_THINK) > tokens.index(THINK)) else 0
+        if not candidates:
+            res.malformed = True
+            res.notes.append("no candidates to parse against")
+            return res
         if ANSWER not in tokens:
             res.malformed = True
             res.notes.append("no <answer> marker")
@@ -169,11 +209,14 @@ def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
         sids: list[tuple[str, ...]] = []
         i = 0
         while i < len(body):
-            chunk = tuple(body[i:i + sid_len])
-            levels = [_SID_RE.match(t) for t in chunk]
-            if len(chunk) == sid_len and all(m and m.group(1) == LEVEL_NAMES[k] for k, m in enumerate(levels)):
+            label = label_position(body[i])
+            j = i + 1 if label is not None else i
+            chunk = read_sid(body, j, sid_len)
+            if chunk is not None:
                 sids.append(chunk)
-                i += sid_len
+                if label is not None and index.get(chunk, -1) not in (-1, label):
+                    res.notes.append(f"label {body[i]} names another candidate than its SID")
+                i = j + sid_len
             else:
                 res.malformed = True
                 res.notes.append(f"stray token {body[i]!r}")
@@ -194,15 +237,32 @@ def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
-def build_vocabulary(texts, sid_codebook_sizes: tuple[int, ...], min_count: int = 1, max_words: int = 20000) -> list[str]:
-    """Special tokens, every SID token, then the words of ``texts`` by frequency (rarer ones become ``<unk>``)."""
+def build_vocabulary(texts, sid_codebook_sizes: tuple[int, ...], min_count: int = 1, max_words: int = 20000,
+                     n_labels: int = 10) -> list[str]:
+    """Special tokens, every SID token, the candidate labels, then the words of ``texts`` by frequency (rarer ones
+    become ``<unk>``)."""
     vocab = list(SPECIAL_TOKENS)
     for level, size in enumerate(sid_codebook_sizes):
         vocab += [f"<{LEVEL_NAMES[level]}_{c}>" for c in range(size)]
+    vocab += [label_token(k) for k in range(n_labels)]
     fixed = set(vocab)
     counts = Counter(w for t in texts for w in t.split() if w not in fixed)
     vocab += [w for w, c in counts.most_common(max_words) if c >= min_count]
     return vocab
+
+
+def sid_token_ranges(tok, levels: int) -> list[tuple[int, int]]:
+    """[(first id, count)] of each SID level's tokens in ``tok`` (they are contiguous, see :func:`build_vocabulary`)."""
+    vocab = tok.get_vocab()
+    out = []
+    for level in range(levels):
+        name = LEVEL_NAMES[level]
+        first = vocab[f"<{name}_0>"]
+        count = 0
+        while vocab.get(f"<{name}_{count}>") == first + count:
+            count += 1
+        out.append((first, count))
+    return out
 
 
 def make_tokenizer(vocab: list[str]):

@@ -90,7 +90,7 @@ def test_constraint_answers_are_permutations_once_started(tok):
     started = 0
     for seed in range(25):
         cands = random_candidates(rng, 8)
-        out = constrained_random_decode(tok, cands, budget=rng.randrange(34, 70), seed=seed)
+        out = constrained_random_decode(tok, cands, budget=rng.randrange(44, 80), seed=seed)
         for row, c in zip(out, cands):
             toks = decode_tokens(tok, row)
             if EOS in toks:
@@ -123,7 +123,7 @@ def test_constraint_output_is_always_a_valid_permutation(tok):
     rng = random.Random(2)
     for seed in range(10):
         cands = random_candidates(rng, 8)
-        out = constrained_random_decode(tok, cands, budget=60, seed=seed)
+        out = constrained_random_decode(tok, cands, budget=70, seed=seed)
         for row, c in zip(out, cands):
             p = parse_ranking(decode_tokens(tok, row), c)
             assert p.valid and sorted(p.ranking) == list(range(10))
@@ -133,7 +133,7 @@ def test_constraint_forces_the_answer_when_the_budget_runs_short(tok):
     rng = random.Random(3)
     cands = random_candidates(rng, 4)
     word = tok.convert_tokens_to_ids("history")
-    budget = 40
+    budget = 50
     out = constrained_random_decode(tok, cands, budget=budget, seed=0, bias=word)   # a model that never answers
     for row, c in zip(out, cands):
         toks = decode_tokens(tok, row)
@@ -141,27 +141,38 @@ def test_constraint_forces_the_answer_when_the_budget_runs_short(tok):
         assert parse_ranking(toks, c).valid
         a = toks.index(ANSWER)
         assert all(t == "history" for t in toks[:a])
-        assert a >= budget - 10 * 3 - 3                                   # the free part lasted as long as it could
+        assert a >= budget - 10 * 4 - 3                                   # the free part lasted as long as it could
 
 
 def test_forced_answer_ends_with_eos_within_the_budget(tok):
     rng = random.Random(3)
     cands = random_candidates(rng, 4)
-    out = constrained_random_decode(tok, cands, budget=40, seed=0, bias=tok.convert_tokens_to_ids("history"))
+    out = constrained_random_decode(tok, cands, budget=50, seed=0, bias=tok.convert_tokens_to_ids("history"))
     for row in out:
         assert EOS in decode_tokens(tok, row)
 
 
-def test_constraint_first_sid_level_allows_only_candidate_codes(tok):
+def test_constraint_labels_then_exact_codes(tok):
+    """At a label slot only unwritten labels are allowed; after a label, exactly its candidate's codes in order."""
     rng = random.Random(4)
     cands = random_candidates(rng, 2)
     con = AnswerConstraint(cand_ids(tok, cands), tok, 100)
     V = len(tok.get_vocab())
+
+    def allowed(i):
+        m = con.mask(torch.zeros(2, V))
+        return {decode_tokens(tok, [j])[0] for j in torch.nonzero(torch.isfinite(m[i])).flatten().tolist()}
+
     con.update(torch.full((2,), tok.convert_tokens_to_ids(ANSWER)))
-    masked = con.mask(torch.zeros(2, V))
-    for i, c in enumerate(cands):
-        allowed = {decode_tokens(tok, [j])[0] for j in torch.nonzero(torch.isfinite(masked[i])).flatten().tolist()}
-        assert allowed == {s[0] for s in c}
+    assert allowed(0) == allowed(1) == {f"[{k}]" for k in range(1, 11)}
+    con.update(torch.tensor(tok.convert_tokens_to_ids(["[3]", "[10]"])))
+    for level in range(3):
+        for i, k in ((0, 2), (1, 9)):
+            assert allowed(i) == {cands[i][k][level]}
+        con.update(torch.tensor([tok.convert_tokens_to_ids(cands[0][2][level]),
+                                 tok.convert_tokens_to_ids(cands[1][9][level])]))
+    assert allowed(0) == {f"[{k}]" for k in range(1, 11)} - {"[3]"}
+    assert allowed(1) == {f"[{k}]" for k in range(1, 10)}
 
 
 # ----------------------------------------------------------------------------------------------- SFT loss
@@ -292,6 +303,19 @@ def test_make_batch_needs_equal_prompt_lengths(tok):
         make_batch(rows, tok)
 
 
+def test_decision_weight_scales_only_the_pick(tok):
+    """A reading example's random pick carries no loss; everything else keeps its GR2 weight."""
+    prompt = encode(tok, PROMPTS[:1])[0]
+    c = encode(tok, ["<think> step1 x1 pick [2] . </think> <answer> [2] <a_1> <b_2> <c_1> </answer> <eos>"])[0]
+    d = encode(tok, ["<answer> [2] <a_1> <b_2> <c_1> </answer> <eos>"])[0]
+    rows = [{"prompt_ids": prompt, "completion_ids": c, "decision_weight": w} for w in (1.0, 0.0)]
+    rows += [{"prompt_ids": prompt, "completion_ids": d, "decision_weight": 0.0}]
+    b = make_batch(rows, tok, lambda_r=0.5, lambda_o=1.0)
+    assert b.weight[0, :7].tolist() == [0.5] * 7 and b.weight[0, 7:].tolist() == [1.0] * 7
+    assert b.weight[1, :7].tolist() == [0.5] * 4 + [0.0] + [0.5] * 2              # "[2]" after pick: no loss
+    assert b.weight[2, :7].tolist() == [1.0, 0.0] + [1.0] * 5                      # the direct answer's first label
+
+
 def test_make_batch_min_len(tok):
     b = make_batch(rows_of(tok), tok, multiple_of=8, min_len=30)
     assert b.completion.shape[1] == 32
@@ -300,7 +324,7 @@ def test_make_batch_min_len(tok):
 def test_iterate_batches_covers_every_row_once(tok):
     rows = []
     for k in range(23):
-        c = build_completion("step1 " + " ".join(["x1"] * (k % 5)), [sid_tokens((k % 4, 0, 0))])
+        c = build_completion("step1 " + " ".join(["x1"] * (k % 5)), [sid_tokens((k % 4, 0, 0))], [0])
         rows.append({"prompt_ids": encode(tok, [PROMPTS[0]])[0], "completion_ids": encode(tok, [c])[0]})
     for shuffle in (False, True):
         seen = []

@@ -13,7 +13,10 @@ from diffgr2_lite.diffusion.sampler import diffusion_decode
 from diffgr2_lite.text import SPECIAL_TOKENS, decode_tokens, make_tokenizer, parse_ranking
 
 K, L, B = 10, 2, 8
-VOCAB = SPECIAL_TOKENS + [f"<a_{i}>" for i in range(K)] + [f"<b_{i}>" for i in range(K)] + [f"w{i}" for i in range(10)]
+LABELS = [f"[{k}]" for k in range(1, K + 1)]
+VOCAB = (SPECIAL_TOKENS + [f"<a_{i}>" for i in range(K)] + [f"<b_{i}>" for i in range(K)] + LABELS
+         + [f"w{i}" for i in range(10)])
+ITEM = L + 1                                                    # an answer item: its label, then its SID
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def test_assigned_answers_always_parse_on_a_random_model(tok):
     rows = [candidates(i) for i in range(n)]
     before = [parse_ranking(decode_tokens(tok, r), c).valid for r, c in zip(res.tokens.tolist(), rows)]
     out = assign_answer(model, prompt, res.tokens, cand_ids(tok, rows), B, tok.mask_token_id,
-                        tok.convert_tokens_to_ids("<answer>"))
+                        tok.convert_tokens_to_ids("<answer>"), ids(tok, LABELS))
     assert out.shape[1] % B == 0 and out.shape[1] >= res.tokens.shape[1]
     assert not any(before)
     for r, c in zip(out.tolist(), rows):
@@ -96,26 +99,27 @@ def test_answer_span_rules(tok):
         ["<think>", *w, "</think>", "<answer>", "<a_1>", "<b_1>", "<eos>"],   # answer at 5
         ["<think>", *w, "</think>", "w4", "w5", "<eos>"],                     # after </think>: 5
         [*w, "<eos>"],                                                        # at the end: 3
-        ["w1"] * C,                                                           # nothing: last blocks, 40 - 24 = 16
-        ["w1"] * 30 + ["<answer>"] + ["w2"] * 9,                              # late <answer> at 30: extend to 56
+        ["w1"] * C,                                                           # nothing: last blocks, 40 - 40 = 0
+        ["w1"] * 30 + ["<answer>"] + ["w2"] * 9,                              # late <answer> at 30: extend to 64
     ]
     tokens = torch.tensor([ids(tok, (r + ["<eos>"] * C)[:C]) for r in rows_words])
     eos = tok.eos_token_id
     starts = answer_starts(tokens, B, tok.convert_tokens_to_ids("<answer>"), tok.convert_tokens_to_ids("</think>"),
-                           eos, 1 + K * L + 2)
-    assert starts.tolist() == [5, 5, 3, 16, 30]
+                           eos, 1 + K * ITEM + 2)
+    assert starts.tolist() == [5, 5, 3, 0, 30]
     rows = [candidates(10 + i) for i in range(len(rows_words))]
     prompt = torch.randint(11, len(VOCAB), (len(rows_words), 5), generator=torch.Generator().manual_seed(0))
     out, info = assign_answer(model, prompt, tokens, cand_ids(tok, rows), B, tok.mask_token_id,
-                              tok.convert_tokens_to_ids("<answer>"), return_info=True)
-    assert out.shape[1] == 56 and torch.equal(info["starts"], starts)
+                              tok.convert_tokens_to_ids("<answer>"), ids(tok, LABELS), return_info=True)
+    assert out.shape[1] == 64 and torch.equal(info["starts"], starts)
     for i, (r, c) in enumerate(zip(out.tolist(), rows)):
         words = decode_tokens(tok, r)
         a = int(starts[i])
         assert words[:a] == decode_tokens(tok, tokens[i, :a].tolist())        # the reasoning is untouched
-        assert words[a] == "<answer>" and words[a + 1 + K * L] == "</answer>" and words[a + 2 + K * L] == "<eos>"
-        assert set(words[a + 3 + K * L:]) <= {"<eos>"}
-        assert parse_ranking(words, c).valid
+        assert words[a] == "<answer>" and words[a + 1 + K * ITEM] == "</answer>" and words[a + 2 + K * ITEM] == "<eos>"
+        assert set(words[a + 3 + K * ITEM:]) <= {"<eos>"}
+        parsed = parse_ranking(words, c)
+        assert parsed.valid and not parsed.notes                              # every label names its own SID
 
 
 class PositionTableModel(torch.nn.Module):
@@ -138,22 +142,23 @@ class PositionTableModel(torch.nn.Module):
 def test_recovers_a_preferred_permutation_that_greedy_slots_would_break(tok):
     """Logits prefer candidate perm[s] in slot s, but every slot s >= 1 prefers candidate perm[0] even more than its
     own: per-slot argmax duplicates perm[0]; the maximum-weight assignment recovers perm exactly."""
-    P, C, a = 4, 32, 3
+    P, C, a = 4, 40, 3
     rows = [candidates(7)]
     cid = cand_ids(tok, rows)[0]                                          # [K, L]
     perm = np.random.default_rng(3).permutation(K)
     table = torch.zeros(P + C, len(VOCAB))
+    items = torch.cat([torch.tensor(ids(tok, LABELS))[:, None], cid], 1)  # [K, L+1]: label, then codes
     for s in range(K):
-        for l in range(L):
-            t = P + a + s * L + l                                         # predicts completion position a+1+s*L+l
-            table[t, cid[perm[s], l]] = 4.0 if s == 0 else 2.5
+        for l in range(ITEM):
+            t = P + a + s * ITEM + l                                      # predicts completion position a+1+s*ITEM+l
+            table[t, items[perm[s], l]] = 4.0 if s == 0 else 2.5
             if s >= 1:
-                table[t, cid[perm[0], l]] = 3.0                           # the decoy every later slot likes
+                table[t, items[perm[0], l]] = 3.0                         # the decoy every later slot likes
     model = PositionTableModel(table, tok.eos_token_id)
     tokens = torch.tensor([ids(tok, (["w1", "w2", "</think>", "<answer>"] + ["<a_0>"] * 40)[:C])])
     prompt = torch.zeros(1, P, dtype=torch.long)
     out, info = assign_answer(model, prompt, tokens, cid[None], B, tok.mask_token_id,
-                              tok.convert_tokens_to_ids("<answer>"), return_info=True)
+                              tok.convert_tokens_to_ids("<answer>"), ids(tok, LABELS), return_info=True)
     greedy = info["scores"][0].argmax(-1)
     assert len(set(greedy.tolist())) < K                                  # the naive per-slot choice is invalid
     assert info["assignment"][0].tolist() == perm.tolist()
@@ -170,7 +175,7 @@ def test_scores_use_a_fully_masked_answer(tok):
     t2 = torch.tensor([ids(tok, (base + ["<a_3>", "w5"] * 20)[:32])])
     prompt = torch.randint(11, len(VOCAB), (1, 5), generator=torch.Generator().manual_seed(0))
     kw = dict(block_size=B, mask_id=tok.mask_token_id, answer_token_id=tok.convert_tokens_to_ids("<answer>"),
-              return_info=True)
+              label_ids=ids(tok, LABELS), return_info=True)
     _, i1 = assign_answer(model, prompt, t1, cand_ids(tok, rows), **kw)
     _, i2 = assign_answer(model, prompt, t2, cand_ids(tok, rows), **kw)
     torch.testing.assert_close(i1["scores"], i2["scores"])

@@ -152,15 +152,18 @@ def test_rejection_sampled_training_completions_put_the_target_first(ex):
     assert rej["kept"] == len(ex.splits["train"]) and 1 <= rej["mean_draws"] <= rej["tries"]
 
 
-def test_teacher_traces_are_longer_than_the_answer(ex):
-    for split in ("train", "test"):
+def test_teacher_traces_are_longer_than_the_answer_and_of_fixed_width(ex):
+    lengths = set()
+    for split in ("train", "test", "reading"):
         for row in ex.splits[split]:
             p = parse_ranking(row["completion"], ex.candidate_sids(row))
-            assert p.reasoning_tokens > p.answer_tokens == 10 * ex.sids.levels
+            assert p.reasoning_tokens > p.answer_tokens == 10 * (ex.sids.levels + 1)
+            lengths.add(len(row["completion"].split()))
+    assert len(lengths) == 1            # every completion has the same length: the answer always starts at one place
 
 
 def test_teacher_check_tags_hand_case():
-    """The check step's tags and points on a hand-made catalogue: each tag is exactly what the prompt shows."""
+    """The check step's columns and points on a hand-made catalogue: each tag is exactly what the prompt shows."""
     from diffgr2_lite.data.catalog import Catalog
     from diffgr2_lite.data.teacher import Teacher, TeacherStats
 
@@ -172,20 +175,46 @@ def test_teacher_check_tags_hand_case():
     #                 =brand brand+ =cat cat+ next+ first
     teacher = Teacher(cat, stats, points=[3, 1, 1, 0, 0, 2])
     assert teacher.next_categories(0, k=2) == ["Toners", "Serums"]
+    assert teacher.slots() == [("=brand", "brand+"), ("=cat", "cat+"), ("first",)]    # next+ earns nothing: no column
     history = [1, 0]                 # Bolt Toners, then Acme Cleansers (the last item)
     cands = [5, 2, 3, 4]
     assert teacher.check(history, cands) == [
-        ["first"],                                # no brand, unseen category: only its position
-        ["=brand"],                               # Acme like the last item (next+ is worth no points: not written)
-        ["brand+", "=cat"],                       # Bolt seen earlier; Cleansers like the last item
-        ["-"]]                                    # cat+ and next+ only, both worth nothing
+        ["-", "-", "first"],                      # no brand, unseen category: only its position
+        ["=brand", "-", "-"],                     # Acme like the last item (next+ is worth no points: not written)
+        ["brand+", "=cat", "-"],                  # Bolt seen earlier; Cleansers like the last item
+        ["-", "-", "-"]]                          # cat+ and next+ only, both worth nothing
     assert teacher.evidence(history, cands)[3].tolist() == [0, 0, 0, 1, 1, 0]    # Toners seen earlier, likely next
     assert teacher.scores(history, cands).tolist() == [2, 3, 2, 0]
-    assert teacher.rank(history, cands)[:3] == [1, 0, 2]           # the tie 2 = 2 goes to the retriever's order
-    trace = teacher.trace(history, cands, [1, 0, 2, 3], lambda i: (f"<a_{i}>",), top=2)
-    assert ("step3 check 1 first = 2 ; 2 =brand = 3 ; 3 brand+ =cat = 2 ; 4 - = 0 ; "
-            "pick 2 <a_2> ; pick 1 <a_5> ; rest in retriever order .") in trace
-    assert teacher.reading(history, cands) == trace.split(" pick ")[0]
+    # greedy: the most points first; then by points, the tie 2 = 2 in the retriever's order
+    assert teacher.rank(history, cands) == [1, 0, 2, 3]
+    # whatever the pick, the rest follows the points with ties in retriever order: one answer per (prompt, pick)
+    assert teacher.ranking(teacher.scores(history, cands), 3) == [3, 1, 0, 2]
+    assert teacher.ranking(teacher.scores(history, cands), 2) == [2, 1, 0, 3]
+    trace = teacher.trace(history, cands, 1)
+    assert trace.endswith("step3 check [1] - - first = 2 ; [2] =brand - - = 3 ; [3] brand+ =cat - = 2 ; "
+                          "[4] - - - = 0 ; pick [2] .")
+    assert trace.startswith("step1 history : 2 items ; categories Toners x1 Cleansers x1 - - ; brands Bolt x1 "
+                            "Acme x1 ; last Cleansers Acme . step2 after Cleansers comes ")
+    assert teacher.reading(history, cands) == trace[: -len(" pick [2] .")]
+
+
+def test_teacher_rejection_sampling_draws_only_the_pick():
+    """Rejection sampling keeps the draw whose pick is the target; everything after the pick is the deterministic
+    ranking (so two draws that keep the same target give the same trace and answer)."""
+    from diffgr2_lite.data.catalog import Catalog
+    from diffgr2_lite.data.teacher import Teacher, TeacherStats
+
+    cat = Catalog(item_ids=[f"i{k}" for k in range(5)], titles=["t"] * 5, brands=["A", "A", "B", "A", "C"],
+                  categories=[["X"], ["X"], ["Y"], ["Z"], ["X"]])
+    teacher = Teacher(cat, TeacherStats.fit(cat, [[0, 1]]), points=[3, 1, 1, 0, 0, 2])
+    history, cands = [0], [1, 2, 3, 4]
+    s = teacher.scores(history, cands)
+    for seed in range(5):
+        ranking, used = teacher.rejection_sample(history, cands, 2, np.random.default_rng(seed), tries=200,
+                                                 temperature=2.0)
+        assert ranking == teacher.ranking(s, 2) and 1 <= used <= 200
+    # at a very low temperature a target the points do not favour is never drawn: the example is rejected
+    assert teacher.rejection_sample(history, cands, 1, np.random.default_rng(0), tries=20, temperature=0.01)[0] is None
 
 
 def test_teacher_points_fit_the_best_training_recall():
@@ -204,22 +233,25 @@ def test_teacher_points_fit_the_best_training_recall():
     assert teacher.fit_points([([0], [1, 3], 0), ([0], [3, 1], 0)]) == 1.0
 
 
-def test_reading_examples_are_answer_free_trace_openings(ex, profile):
-    """Reading examples carry only the target-independent opening of a trace: the same words a full trace starts with
-    for that prompt, and nothing that depends on the answer."""
-    from diffgr2_lite.text import THINK
-
+def test_reading_examples_carry_a_random_pick_without_loss(ex, profile):
+    """Reading examples: the same trace opening a full trace has for that prompt, a pick drawn at random, and the
+    answer that follows from the check and that pick; their decision carries no loss (decision_weight 0)."""
     reading, train = ex.splits["reading"], ex.splits["train"]
     assert len(reading) == round(profile.reading_ratio * len(train))
+    picks = set()
     for row in reading:
-        c = row["completion"]
-        assert c.startswith(THINK + " step1") and " check " in c
-        assert "pick" not in c.split() and "</think>" not in c and "<answer>" not in c
-        assert row["completion_direct"] == ""
-        assert c == f"{THINK} {ex.teacher.reading(row['history'], row['candidates'])}"
-    for row in train.select(range(20)):      # a full trace opens with exactly the reading of its prompt
+        words = row["completion"].split()
         opening = row["completion"].split(" pick ")[0]
-        assert opening == f"{THINK} {ex.teacher.reading(row['history'], row['candidates'])}"
+        assert opening == f"<think> {ex.teacher.reading(row['history'], row['candidates'])}"
+        pick = words[words.index("pick") + 1]
+        picks.add(pick)
+        p = parse_ranking(row["completion"], ex.candidate_sids(row))
+        assert p.valid and p.ranking[0] == int(pick[1:-1]) - 1
+        points = ex.teacher.scores(row["history"], row["candidates"])
+        assert p.ranking == ex.teacher.ranking(points, p.ranking[0])
+        assert row["decision_weight"] == 0.0
+    assert len(picks) > 5                               # picks are spread over the candidates, not the teacher's
+    assert set(train["decision_weight"]) == {1.0}
 
 
 def test_semantic_ids_unique(ex):

@@ -9,12 +9,12 @@ from diffgr2_lite.text import build_vocabulary, make_tokenizer
 
 
 class PositionModel(torch.nn.Module):
-    """A decoder whose head favours candidate number ``(position mod 4) + 1`` at every position: the pick reveals
+    """A decoder whose head favours candidate label ``[(position mod 4) + 1]`` at every position: the pick reveals
     where the probe read it. Shaped like a transformers causal LM (``.model`` gives hidden states, ``.lm_head``)."""
 
     def __init__(self, tok):
         super().__init__()
-        numbers = tok.convert_tokens_to_ids(["1", "2", "3", "4"])
+        numbers = tok.convert_tokens_to_ids(["[1]", "[2]", "[3]", "[4]"])
         self.lm_head = torch.nn.Linear(4, len(tok), bias=False)
         with torch.no_grad():
             self.lm_head.weight.zero_()
@@ -31,12 +31,12 @@ class PositionModel(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tok():
-    return make_tokenizer(build_vocabulary(["step3 check 1 2 3 4 pick x ; rest"], (4,)))
+    return make_tokenizer(build_vocabulary(["step3 check = 1 2 pick x ; ."], (4,), n_labels=4))
 
 
 def row(tok, prompt_len, check_words, target):
     ids = lambda s: tok.convert_tokens_to_ids(s.split())
-    completion = ids(f"step3 check {check_words} pick 2 x ; pick 1 x ; rest")
+    completion = ids(f"step3 check {check_words} pick [2] . x pick [1] .")
     return {"prompt_ids": ids("x " * prompt_len), "completion_ids": completion, "target_pos": target}
 
 
@@ -44,15 +44,15 @@ def test_probe_reads_the_first_pick_of_each_row(tok):
     from datasets import Dataset
 
     # the first "pick" sits at index prompt + 2 + len(check): rows of different lengths in one batch (right padding)
-    rows = [row(tok, 3, "1 ;", 3),          # pick at 3 + 2 + 2 = 7 -> favoured number (7 % 4) + 1 = 4 -> position 3
-            row(tok, 3, "1 2 ;", 0),        # 8 -> number 1 -> position 0
-            row(tok, 4, "1 2 3 ;", 1)]      # 10 -> number 3 -> position 2 (a miss)
+    rows = [row(tok, 3, "[1] ;", 3),          # pick at 3 + 2 + 2 = 7 -> favoured label [(7 % 4) + 1] = [4] -> 3
+            row(tok, 3, "[1] = 2 ;", 0),      # 9 -> [2] -> position 1 (a miss)
+            row(tok, 4, "[1] = ;", 1)]        # 9 -> [2] -> position 1
     out = first_pick_probe(PositionModel(tok), Dataset.from_list(rows), tok, "cpu", n_candidates=4, batch_size=2)
-    assert out["picks"] == [3, 0, 2]        # the later "pick 1" of each completion is never read
+    assert out["picks"] == [3, 1, 1]        # the later "pick [1]" of each completion is never read
     assert out["recall@1"] == pytest.approx(2 / 3)
-    assert out["picks_retrievers_first"] == pytest.approx(1 / 3) and out["n"] == 3
+    assert out["picks_retrievers_first"] == 0.0 and out["n"] == 3
     p_hit = torch.tensor([3.0, 0, 0, 0]).softmax(0)[0].item()
-    assert out["mean_p_first"] == pytest.approx((p_hit + 2 * (1 - p_hit) / 3) / 3, rel=1e-4)
+    assert out["mean_p_first"] == pytest.approx((1 - p_hit) / 3, rel=1e-4)
 
 
 def test_probe_refuses_completions_without_a_trace(tok):
@@ -70,9 +70,9 @@ def test_probe_matches_the_full_forward_of_a_real_model(tok):
     from tiny import tiny_model
 
     model = tiny_model()
-    rows = [row(tok, 3, "1 ;", 0), row(tok, 5, "1 2 3 ;", 2), row(tok, 2, "2 ;", 1)]
+    rows = [row(tok, 3, "[1] ;", 0), row(tok, 5, "[1] = 2 ;", 2), row(tok, 2, "[2] ;", 1)]
     out = first_pick_probe(model, Dataset.from_list(rows), tok, "cpu", n_candidates=4, batch_size=2)
-    numbers = tok.convert_tokens_to_ids(["1", "2", "3", "4"])
+    numbers = tok.convert_tokens_to_ids(["[1]", "[2]", "[3]", "[4]"])
     expected = []
     for r in rows:
         seq = r["prompt_ids"] + r["completion_ids"][: r["completion_ids"].index(tok.convert_tokens_to_ids("pick")) + 1]

@@ -70,13 +70,13 @@ def test_prompt_shape_is_checked(model, prompts):
 
 
 # ----------------------------------------------------------------------------------------------- diffusion
-@pytest.mark.parametrize("block_size", [4, 8])
+@pytest.mark.parametrize("block_size,sub_block", [(4, None), (8, None), (8, 4)])
 @pytest.mark.parametrize("tau", [1.0, 0.9, 0.5, 0.2, 0.0])
-def test_fast_diffusion_matches_diffusion_decode(model, prompts, block_size, tau):
+def test_fast_diffusion_matches_diffusion_decode(model, prompts, block_size, sub_block, tau):
     dec = FastDiffusionDecoder(model, N, P, max_blocks=6, block_size=block_size, mask_id=MASK, eos_id=EOS, tau=tau,
-                               graphs=False)
+                               graphs=False, sub_block=sub_block)
     for prompt in prompts:
-        ref = diffusion_decode(model, prompt, 6, block_size, MASK, EOS, tau=tau, fused=True)
+        ref = diffusion_decode(model, prompt, 6, block_size, MASK, EOS, tau=tau, fused=True, sub_block=sub_block)
         out = dec.decode(prompt)
         assert torch.equal(out["tokens"], ref.tokens)
         assert torch.equal(out["steps"], ref.steps)

@@ -14,7 +14,8 @@ import pytest
 from diffgr2_lite.text import (
     ANSWER, BOS, END_ANSWER, END_THINK, EOS, PAD, SPECIAL_TOKENS, THINK, UNK, PromptFormat, build_answer,
     build_completion, build_prompt, build_vocabulary, decode_tokens, encode, item_words, load_tokenizer,
-    make_tokenizer, parse_ranking, save_tokenizer, sid_tokens, title_words, vocab_fingerprint, word_token,
+    label_position, label_token, make_tokenizer, parse_ranking, save_tokenizer, sid_token_ranges, sid_tokens,
+    title_words, vocab_fingerprint, word_token,
 )
 
 TEXTS = ["<bos> <user> history : Toners Aurelia hydrating gentle ;", "pick next+ brand+ . step1 x2 x2 x2"]
@@ -44,16 +45,18 @@ def test_vocabulary_layout(vocab):
     assert vocab[:len(SPECIAL_TOKENS)] == SPECIAL_TOKENS
     sid_part = vocab[len(SPECIAL_TOKENS):len(SPECIAL_TOKENS) + sum(LEVELS)]
     assert sid_part == [f"<a_{i}>" for i in range(4)] + [f"<b_{i}>" for i in range(5)] + [f"<c_{i}>" for i in range(3)]
-    words = vocab[len(SPECIAL_TOKENS) + sum(LEVELS):]
+    fixed = len(SPECIAL_TOKENS) + sum(LEVELS) + 10
+    assert vocab[len(SPECIAL_TOKENS) + sum(LEVELS):fixed] == [f"[{k}]" for k in range(1, 11)]
+    words = vocab[fixed:]
     assert words[0] == "x2"                                         # the most frequent word first
     assert set(words) == {w for t in TEXTS for w in t.split()} - set(SPECIAL_TOKENS)
     assert len(set(vocab)) == len(vocab)
 
 
 def test_vocabulary_min_count_and_max_words():
-    v = build_vocabulary(["a a a b b c"], (2,), min_count=2)
+    v = build_vocabulary(["a a a b b c"], (2,), min_count=2, n_labels=0)
     assert v[len(SPECIAL_TOKENS) + 2:] == ["a", "b"]
-    v = build_vocabulary(["a a a b b c"], (2,), max_words=1)
+    v = build_vocabulary(["a a a b b c"], (2,), max_words=1, n_labels=0)
     assert v[len(SPECIAL_TOKENS) + 2:] == ["a"]
 
 
@@ -128,10 +131,13 @@ def test_build_prompt_length(n_hist, tok):
     cands = [item(100 + k) for k in range(10)]
     prompt = build_prompt(fmt, hist, cands)
     words = prompt.split()
-    assert len(words) == fmt.prompt_len == 7 + 20 * fmt.item_len
+    assert len(words) == fmt.prompt_len == 7 + 20 * fmt.item_len + 10
     assert len(encode(tok, [prompt])[0]) == fmt.prompt_len
     assert words[0] == BOS and words[-1] == "<assistant>"
     assert all(len(i) == fmt.item_len for i in hist + cands)
+    # every candidate is preceded by its label, in retriever order
+    cand_part = words[4 + 10 * fmt.item_len + 2:-1]
+    assert cand_part == [w for k, it in enumerate(cands) for w in (f"[{k + 1}]", *it)]
     # the most recent history items are the ones kept, right before "candidates"
     kept = hist[-10:]
     body = words[4:4 + 10 * fmt.item_len]
@@ -151,9 +157,31 @@ def test_answer_len_matches_build_answer():
     assert len(build_answer(candidates10()).split()) == fmt.answer_len
 
 
+def test_build_answer_writes_label_then_sid_in_ranked_order():
+    c = candidates10()
+    words = build_answer(c, [2, 0, 1, 3, 4, 5, 6, 7, 8, 9]).split()
+    assert words[:9] == [ANSWER, "[3]", *c[2], "[1]", *c[0]]
+    assert words[-2:] == [END_ANSWER, EOS]
+    assert label_token(0) == "[1]" and label_position("[10]") == 9 and label_position("10") is None
+
+
+def test_vocabulary_has_every_label_and_contiguous_sid_ranges(tok):
+    vocab = tok.get_vocab()
+    assert all(f"[{k}]" in vocab for k in range(1, 11))
+    ranges = sid_token_ranges(tok, len(LEVELS))
+    assert [count for _, count in ranges] == list(LEVELS)
+    for (first, count), name in zip(ranges, "abc"):
+        assert [vocab[f"<{name}_{i}>"] for i in range(count)] == list(range(first, first + count))
+
+
 # ----------------------------------------------------------------------------------------------- parser
-def answer_of(sids) -> str:
-    return build_completion("step1 some reasoning words .", list(sids))
+def answer_of(sids, labels: bool = True) -> str:
+    """A completion whose answer is ``sids`` in order, each candidate preceded by its label (outsiders are not)."""
+    c = candidates10()
+    items = []
+    for s in sids:
+        items += ([f"[{c.index(s) + 1}]"] if labels and s in c else []) + list(s)
+    return " ".join([THINK, "step1 some reasoning words .", END_THINK, ANSWER, *items, END_ANSWER, EOS])
 
 
 def test_parse_valid_permutation():
@@ -162,7 +190,29 @@ def test_parse_valid_permutation():
     p = parse_ranking(answer_of([c[i] for i in order]), c)
     assert p.valid and p.ranking == order and p.model_ranking == order
     assert not (p.duplicate or p.dropped or p.out_of_set or p.malformed)
-    assert p.reasoning_tokens == 5 and p.answer_tokens == 30
+    assert p.reasoning_tokens == 5 and p.answer_tokens == 40
+
+
+def test_parse_labels_are_optional_and_the_sids_decide():
+    c = candidates10()
+    order = [3, 0, 9, 1, 2, 8, 7, 4, 5, 6]
+    bare = parse_ranking(answer_of([c[i] for i in order], labels=False), c)
+    assert bare.valid and bare.ranking == order and bare.answer_tokens == 30
+    # a label naming another candidate than its SID: noted, but the SIDs are the ranking
+    words = answer_of([c[i] for i in order]).split()
+    first = words.index(ANSWER) + 1
+    words[first] = "[7]"
+    p = parse_ranking(words, c)
+    assert p.valid and p.ranking == order and any("names another candidate" in n for n in p.notes)
+
+
+def test_parse_label_without_sid_is_malformed():
+    c = candidates10()
+    words = answer_of(c).split()
+    first = words.index(ANSWER) + 1
+    del words[first + 1:first + 4]                                       # "[1]" left without its SID
+    p = parse_ranking(words, c)
+    assert not p.valid and p.malformed and p.dropped
 
 
 def test_parse_token_list_and_text_after_eos():
@@ -225,7 +275,7 @@ def test_parse_broken_sid():
 
 def test_parse_last_answer_span_counts():
     c = candidates10()
-    text = f"{THINK} maybe {ANSWER} {' '.join(c[0])} {END_ANSWER} {END_THINK} " + build_answer(list(reversed(c)))
+    text = f"{THINK} maybe {ANSWER} {' '.join(c[0])} {END_ANSWER} {END_THINK} " + build_answer(c, list(range(9, -1, -1)))
     p = parse_ranking(text, c)
     assert p.valid and p.ranking == list(range(9, -1, -1))
 

@@ -7,9 +7,11 @@ retriever's top 10 are kept (the paper evaluates the same way), and histories ar
 ``history_len`` items in the prompt.
 
 Splits: ``train`` (rejection-sampled traces), ``valid`` and ``test`` (the teacher's greedy ranking, for reference),
-and ``reading``: training prompts drawn from every training position, target in the top 10 or not, whose completion
-is only the answer-free opening of a trace (see ``Teacher.reading``). They teach the reasoning model to read the
-prompt on more data than rejection sampling keeps.
+and ``reading``: training prompts drawn from every training position, target in the top 10 or not, with the full
+trace and answer but a pick drawn at random that carries no loss (``decision_weight`` 0). The part of a trace before
+the pick is a function of the prompt, and the answer is a function of the check and the pick, so these rows teach
+reading the prompt and writing a valid answer on several times more prompts than rejection sampling keeps, while the
+decision itself is learned only from rejection-sampled traces.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import Profile
-from ..text import (PromptFormat, build_completion, build_prompt, build_reading, build_vocabulary, item_words,
-                    make_tokenizer, sid_tokens)
+from ..text import (PromptFormat, build_completion, build_prompt, build_vocabulary, item_words, make_tokenizer,
+                    sid_tokens)
 from .catalog import InteractionData
 from .retriever import TransitionRetriever, user_folds
 from .semantic_ids import SemanticIds, build_semantic_ids
@@ -125,6 +127,16 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
         return item_words(sids_of[i], cat.brands[i], cat.leaf(i), cat.titles[i], profile.title_words)
 
     sids_of = [sid_tokens(c) for c in sids.codes]
+
+    def row(u, hist, cands, ranking, decision_weight):
+        cand_sids = [sids_of[c] for c in cands]
+        reasoning = teacher.trace(hist[-shown:], cands, ranking[0])
+        return {"user": data.user_ids[u], "history": hist[-profile.history_len:], "candidates": cands,
+                "teacher_ranking": ranking, "decision_weight": decision_weight,
+                "prompt": build_prompt(fmt, [item_repr(h) for h in hist], [item_repr(c) for c in cands]),
+                "completion": build_completion(reasoning, cand_sids, ranking),
+                "completion_direct": build_completion(None, cand_sids, ranking)}
+
     rows = {"train": [], "valid": [], "test": []}
     draws, rejected = [], 0
     for split, exs in (("train", train_ex), ("valid", valid_ex), ("test", test_ex)):
@@ -139,26 +151,17 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
                     continue
             else:
                 ranking = teacher.rank(hist[-shown:], cands)                  # greedy, and blind to the target
-            ranked_sids = [sids_of[cands[p]] for p in ranking]
-            reasoning = teacher.trace(hist[-shown:], cands, ranking, lambda i: sids_of[i])
-            rows[split].append({
-                "user": data.user_ids[u], "history": hist[-profile.history_len:], "target": int(target),
-                "candidates": cands, "target_pos": int(tpos), "teacher_ranking": ranking,
-                "prompt": build_prompt(fmt, [item_repr(h) for h in hist], [item_repr(c) for c in cands]),
-                "completion": build_completion(reasoning, ranked_sids),
-                "completion_direct": build_completion(None, ranked_sids),
-            })
-    # reading examples: the answer-free part of the trace on training prompts, target known or not (a multiple of
-    # the rejection-sampled examples; drawn without replacement from every training position)
+            rows[split].append({**row(u, hist, cands, ranking, 1.0), "target": int(target), "target_pos": int(tpos)})
+    # reading examples: training prompts drawn from every training position (target known or not) with the full
+    # trace and answer, but a pick drawn uniformly at random that carries no loss (decision_weight 0): they teach
+    # reading the prompt and writing the answer that follows a pick, never the pick itself
     n_read = min(len(train_lists), int(round(profile.reading_ratio * len(rows["train"]))))
     rows["reading"] = []
     for i in np.sort(rng.choice(len(train_lists), n_read, replace=False)):
         u, hist, cands = train_lists[i]
-        rows["reading"].append({
-            "user": data.user_ids[u], "history": hist[-profile.history_len:], "candidates": cands,
-            "prompt": build_prompt(fmt, [item_repr(h) for h in hist], [item_repr(c) for c in cands]),
-            "completion": build_reading(teacher.reading(hist[-shown:], cands)), "completion_direct": "",
-        })
+        points = teacher.scores(hist[-shown:], cands)
+        ranking = teacher.ranking(points, int(rng.integers(len(cands))))
+        rows["reading"].append({**row(u, hist, cands, ranking, 0.0), "target": -1, "target_pos": -1})
     # evaluation splits are capped (deterministically) to keep every stage's evaluation fast
     for split in ("valid", "test"):
         if len(rows[split]) > profile.max_eval:
@@ -169,7 +172,8 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
 
     splits = {s: Dataset.from_list(r) for s, r in rows.items()}
     vocab = build_vocabulary([r["prompt"] + " " + r["completion"] for s in ("train", "reading") for r in rows[s]] +
-                             [r["prompt"] for s in ("valid", "test") for r in rows[s]], sids.codebook_sizes)
+                             [r["prompt"] for s in ("valid", "test") for r in rows[s]], sids.codebook_sizes,
+                             n_labels=profile.n_candidates)
     tok = make_tokenizer(vocab)
     report = {
         "dataset": data.name, "stats": data.stats(), "sid": sids.uniqueness(),

@@ -15,9 +15,16 @@ Per candidate it writes tags, and scores each candidate with a small **points ta
 
 The integer weights are fitted by exhaustive search for the best training Recall@1 (ties go to the retriever's
 order). A trace is three steps, as GR2's teacher writes them: the pattern in the history, the category/complement
-identification, the candidate selection. Selection **checks every candidate** in retriever order (the tags that
-earn it points, and its total), then picks the top five by points, each by number and semantic ID; the other five
-keep the retriever's order, so the answer is always "the picks, then the rest as retrieved".
+identification, the candidate selection. Selection **checks every candidate** by its label, in retriever order, in
+fixed-width columns (one per tag group that earns points, ``-`` where none holds) with its points, then **picks one**::
+
+    step3 check [1] =brand =cat first = 6 ; [2] brand+ - - = 1 ; ... ; [10] - - - = 0 ; pick [1] .
+
+The answer is then fixed by the check: the pick first, the other nine **by points, ties in the retriever's order**.
+Nothing in a trace is random except the pick, so everything after it can be learned exactly from what the prompt
+shows. (An earlier teacher picked five candidates with Gumbel noise on integer points: in 95% of kept traces picks
+2-5 broke ties at random, and the student could not learn an order that no evidence determines.) The whole trace has
+a fixed width, so every answer starts at the same position of the completion.
 
 Why this shape (Amazon Beauty, full profile, one H200, 2026-11-26;
 ``results/checks/2026-11-26-h200-trace-diagnostics.json``): an earlier teacher ranked by a score that also used
@@ -29,10 +36,11 @@ its free decoding fell below the retriever. When the decision is a fixed functio
 written, each an exact function of the prompt, the student learns it (notebook 02's probe). On the same data the
 points table over these tags reaches Recall@1 0.37 on validation users against the retriever's 0.35.
 
-Sampling adds Gumbel noise to points / temperature (a Plackett-Luce draw); **rejection sampling** draws until the
-top-1 is the held-out target (training data only) and drops examples where no draw succeeds, as GR2 does. A low
-temperature keeps mostly traces whose pick follows the points, so the student sees one consistent rule rather than
-the label noise of examples no visible evidence explains (those are the hardest examples, and they drop out).
+The pick is drawn with Gumbel noise on points / temperature (a sample from their softmax); **rejection sampling**
+draws until the pick is the held-out target (training data only) and drops examples where no draw succeeds, as GR2
+does. A low temperature keeps mostly traces whose pick follows the points, so the student sees one consistent rule
+rather than the label noise of examples no visible evidence explains (those are the hardest examples, and they drop
+out).
 """
 from __future__ import annotations
 
@@ -42,11 +50,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..text import word_token
+from ..text import label_token, word_token
 from .catalog import Catalog
 
 TAGS = ("=brand", "brand+", "=cat", "cat+", "next+")
 POINT_KEYS = TAGS + ("first",)
+# the check's columns: tags of one group never hold together (same brand as the last item, or a brand seen earlier)
+TAG_SLOTS = (("=brand", "brand+"), ("=cat", "cat+"), ("next+",), ("first",))
 # the search space of the points table: each tag worth 0-3 points, being retrieved first worth 0-4
 POINT_GRID = tuple([range(4)] * len(TAGS) + [range(5)])
 
@@ -77,7 +87,7 @@ def best_first(scores: np.ndarray) -> list[int]:
 
 
 class Teacher:
-    top = 5   # candidates the teacher picks; the rest keep the retriever's order
+    """Evidence, points, the deterministic ranking that follows a pick, and the trace that explains it."""
 
     def __init__(self, catalog: Catalog, stats: TeacherStats, points: np.ndarray | None = None):
         self.catalog, self.stats = catalog, stats
@@ -106,15 +116,6 @@ class Teacher:
                        leaf == cat.leaf(last), leaf != cat.leaf(last) and leaf in leaves, leaf in nxt, pos == 0]
         return ev
 
-    def check(self, history: list[int], candidates: list[int]) -> list[list[str]]:
-        """Per candidate, the tags that earn it points as the trace writes them (``first`` for the retriever's first,
-        ``-`` for none). Tags worth nothing are left out: every word of the check then bears on the decision."""
-        return self._tags(self.evidence(history, candidates))
-
-    def _tags(self, evidence: np.ndarray) -> list[list[str]]:
-        ev = evidence * (self.points > 0)
-        return [[t for t, on in zip(POINT_KEYS, row) if on] or ["-"] for row in ev]
-
     def scores(self, history: list[int], candidates: list[int]) -> np.ndarray:
         return self.evidence(history, candidates) @ self.points
 
@@ -139,50 +140,69 @@ class Teacher:
         return best_acc
 
     # ---------------------------------------------------------------- ranking and traces
+    def ranking(self, points: np.ndarray, first: int) -> list[int]:
+        """The full ranking once the first pick is made: ``first``, then the others by points, ties in the
+        retriever's order. Deterministic: given the prompt (and the pick) there is exactly one answer to learn."""
+        return [first] + [int(i) for i in best_first(points) if i != first]
+
+    def first_pick(self, points: np.ndarray, rng: np.random.Generator | None = None, temperature: float = 1.0) -> int:
+        """Greedy: the most points, ties to the retriever's order. With ``rng``: a Gumbel-max draw at ``temperature``
+        (a sample from softmax(points / T))."""
+        if rng is None:
+            return best_first(points)[0]
+        return int(np.argmax(points / temperature + rng.gumbel(size=len(points))))
+
     def rank(self, history: list[int], candidates: list[int], rng: np.random.Generator | None = None,
              temperature: float = 1.0) -> list[int]:
-        """Candidate positions, best first. With ``rng``: a Plackett-Luce sample (Gumbel noise on points / T)."""
-        return self._ranking(self.scores(history, candidates), rng, temperature)
-
-    def _ranking(self, s: np.ndarray, rng: np.random.Generator | None, temperature: float) -> list[int]:
-        if rng is not None:
-            s = s / temperature + rng.gumbel(size=len(s))
-        top = best_first(s)[: self.top]
-        return top + [i for i in range(len(s)) if i not in top]     # the rest keep the retriever's order
+        """Candidate positions, best first: the first pick (greedy, or drawn with ``rng``), then the rest by points."""
+        s = self.scores(history, candidates)
+        return self.ranking(s, self.first_pick(s, rng, temperature))
 
     def rejection_sample(self, history, candidates, target_pos: int, rng: np.random.Generator, tries: int,
                          temperature: float = 1.0) -> tuple[list[int] | None, int]:
-        """Draw rankings until the top-1 is the target. Returns (ranking or None, draws used)."""
+        """Draw first picks until one is the target. Returns (ranking or None, draws used)."""
         s = self.scores(history, candidates)                         # the points are scored once, drawn ``tries`` times
         for k in range(1, tries + 1):
-            ranking = self._ranking(s, rng, temperature)
-            if ranking[0] == target_pos:
-                return ranking, k
+            if self.first_pick(s, rng, temperature) == target_pos:
+                return self.ranking(s, target_pos), k
         return None, tries
 
-    def trace(self, history: list[int], candidates: list[int], ranking: list[int], sid_words,
-              top: int | None = None) -> str:
-        """The three-step explanation of ``ranking`` (candidate positions); ``history`` as the prompt shows it."""
-        picks = []
-        for pos in ranking[: top or self.top]:
-            picks += ["pick", str(pos + 1), *sid_words(candidates[pos]), ";"]
-        return " ".join([self.reading(history, candidates), *picks, "rest", "in", "retriever", "order", "."])
+    def trace(self, history: list[int], candidates: list[int], first: int) -> str:
+        """The three-step explanation ending in the first pick (the answer then follows from the check's points)."""
+        return " ".join([self.reading(history, candidates), "pick", label_token(first), "."])
+
+    def slots(self) -> list[tuple[str, ...]]:
+        """The check's columns: groups of mutually exclusive tags, kept when one of their tags earns points."""
+        weight = dict(zip(POINT_KEYS, self.points))
+        return [g for g in TAG_SLOTS if any(weight[t] > 0 for t in g)]
+
+    def check(self, history: list[int], candidates: list[int]) -> list[list[str]]:
+        """Per candidate, one word per column of :meth:`slots`: the tag that earns it points there, or ``-``."""
+        return self._tags(self.evidence(history, candidates))
+
+    def _tags(self, evidence: np.ndarray) -> list[list[str]]:
+        on = evidence * (self.points > 0)
+        col = {t: k for k, t in enumerate(POINT_KEYS)}
+        return [[next((t for t in group if row[col[t]]), "-") for group in self.slots()] for row in on]
 
     def reading(self, history: list[int], candidates: list[int]) -> str:
-        """The part of the trace that does not depend on the answer: steps 1-2 and the check of every candidate.
+        """Steps 1-3 up to the pick: a pure function of the prompt, and of fixed width (every row's trace has the same
+        length, so the answer always starts at the same position).
 
-        A pure function of the prompt, so it can be taught on every training prompt, target known or not.
+        step1 counts the history's top 3 categories and top 2 brands (``- -`` where there are fewer) and names the
+        last item's category and brand; step2 names the 3 categories that usually follow it; step3 checks every
+        candidate: its label, one column per scoring tag group, and its points.
         """
         cat = self.catalog
-        leaves = Counter(cat.leaf(h) for h in history)
-        brands = Counter(cat.brands[h] for h in history if cat.brands[h])
+        leaves = Counter(cat.leaf(h) for h in history).most_common(3)
+        brands = Counter(cat.brands[h] for h in history if cat.brands[h]).most_common(2)
         last = history[-1]
         step1 = ["step1", "history", ":", str(len(history)), "items", ";", "categories"]
-        for name, n in leaves.most_common(3):
-            step1 += [word_token(name), f"x{n}"]
+        for item in leaves + [None] * (3 - len(leaves)):
+            step1 += [word_token(item[0]), f"x{item[1]}"] if item else ["-", "-"]
         step1 += [";", "brands"]
-        for name, n in brands.most_common(2) or [("none", 0)]:
-            step1 += [word_token(name), f"x{n}"] if n else ["none"]
+        for item in brands + [None] * (2 - len(brands)):
+            step1 += [word_token(item[0]), f"x{item[1]}"] if item else ["-", "-"]
         step1 += [";", "last", word_token(cat.leaf(last)), word_token(cat.brands[last] or "no_brand"), "."]
         step2 = ["step2", "after", word_token(cat.leaf(last)), "comes",
                  *[word_token(n) for n in self.next_categories(last)], "."]
@@ -190,5 +210,5 @@ class Teacher:
         ev = self.evidence(history, candidates)
         points = ev @ self.points
         for pos, tags in enumerate(self._tags(ev)):
-            step3 += [str(pos + 1), *tags, "=", str(int(points[pos])), ";"]
+            step3 += [label_token(pos), *tags, "=", str(int(points[pos])), ";"]
         return " ".join(step1 + step2 + step3)

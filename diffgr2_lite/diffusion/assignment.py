@@ -11,10 +11,11 @@ do instead, *after* a normal diffusion decode:
 2. mask the whole answer (every position after ``<answer>``) and run **one block-causal forward** of prompt + this
    canvas: each answer block is scored as one view, seeing the clean reasoning before it and the (masked) earlier
    answer blocks, under the inference attention mask and the AR token shift;
-3. score candidate k in slot s as sum over its code levels l of log p(code_{k,l} at slot s, level l) (independent
-   per-position marginals: all the model can give in one parallel pass);
+3. score candidate k in slot s as log p(label k at slot s) plus the sum over its code levels l of
+   log p(code_{k,l} at slot s, level l) (independent per-position marginals: all the model can give in one parallel
+   pass);
 4. solve the maximum-weight assignment of the 10 candidates to the 10 slots (the Hungarian algorithm below) and
-   write the assigned SIDs back, followed by ``</answer> <eos>``.
+   write the assigned items (label and SID) back, followed by ``</answer> <eos>``.
 
 The output always parses as a valid permutation, whatever the model. But the machinery lives outside the model:
 it needs the candidate list at decode time, a second scoring pass, and an O(n^3) solver; the reasoning the model
@@ -105,8 +106,8 @@ def answer_starts(tokens: torch.Tensor, block_size: int, answer_id: int, end_thi
 
 @torch.no_grad()
 def slot_scores(model, prompt: torch.Tensor, canvas: torch.Tensor, starts: torch.Tensor, cand_ids: torch.Tensor,
-                block_size: int) -> torch.Tensor:
-    """[N, K slots, K candidates]: sum over code levels of each candidate's log-probability in each slot.
+                block_size: int, label_ids: torch.Tensor) -> torch.Tensor:
+    """[N, K slots, K candidates]: each candidate's log-probability in each slot (its label, then its code levels).
 
     ``canvas`` [N, C] already holds ``<answer>`` at ``starts`` and ``<mask>`` after it. One block-causal forward
     (inference attention, absolute positions); completion position i is predicted from position i-1.
@@ -118,21 +119,24 @@ def slot_scores(model, prompt: torch.Tensor, canvas: torch.Tensor, starts: torch
     mask = to_4d(block_causal_mask(P, c, block_size).to(prompt.device), n)
     pos = torch.arange(P + c, device=prompt.device)[None].expand(n, -1)
     hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-    # slot s, level l sits at completion position a+1+s*L+l and is predicted by full index P + a + s*L + l
-    where = P + starts[:, None] + torch.arange(k * L, device=prompt.device)[None]          # [N, K*L]
+    # slot s, item token l (0 = label, 1.. = codes) sits at completion position a+1+s*(L+1)+l and is predicted by
+    # full index P + a + s*(L+1) + l (the AR token shift)
+    where = P + starts[:, None] + torch.arange(k * (L + 1), device=prompt.device)[None]    # [N, K*(L+1)]
     h = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
-    logp = torch.log_softmax(model.lm_head(h).float(), -1).view(n, k, L, -1)                # [N, slot, level, V]
-    idx = cand_ids.permute(0, 2, 1)[:, None].expand(n, k, L, k)                            # [N, slot, level, cand]
+    logp = torch.log_softmax(model.lm_head(h).float(), -1).view(n, k, L + 1, -1)            # [N, slot, token, V]
+    items = torch.cat([label_ids.to(cand_ids.device)[None, :, None].expand(n, k, 1), cand_ids], 2)   # [N, cand, L+1]
+    idx = items.permute(0, 2, 1)[:, None].expand(n, k, L + 1, k)                           # [N, slot, token, cand]
     return logp.gather(-1, idx).sum(2)
 
 
 @torch.no_grad()
 def assign_answer(model, prompt: torch.Tensor, tokens: torch.Tensor, candidates_sid_ids: torch.Tensor,
-                  block_size: int, mask_id: int, answer_token_id: int, *, end_answer_id: int | None = None,
+                  block_size: int, mask_id: int, answer_token_id: int, label_ids, *, end_answer_id: int | None = None,
                   end_think_id: int | None = None, eos_id: int | None = None, return_info: bool = False):
     """Rewrite each row's answer as the maximum-likelihood *permutation* of its candidates (see the module docstring).
 
-    ``candidates_sid_ids`` [N, K, L]: token ids of each row's K candidate SIDs (``ar.candidate_token_ids``).
+    ``candidates_sid_ids`` [N, K, L]: token ids of each row's K candidate SIDs (``ar.candidate_token_ids``);
+    ``label_ids`` [K]: token ids of the labels ``[1]``..``[K]``.
     Token ids of ``</answer>`` and ``</think>`` default to their place in the project's vocabulary
     (:data:`text.SPECIAL_TOKENS`), ``eos_id`` to the model's. Returns the new tokens [N, C'] (C' >= C, a multiple of
     the block size), and with ``return_info`` also a dict with ``starts``, ``scores`` [N, K, K] and ``assignment``
@@ -146,7 +150,7 @@ def assign_answer(model, prompt: torch.Tensor, tokens: torch.Tensor, candidates_
     eos_id = model.config.eos_token_id if eos_id is None else eos_id
     n, c = tokens.shape
     _, k, L = candidates_sid_ids.shape
-    answer_len = 1 + k * L + 2                                       # <answer> SIDs </answer> <eos>
+    answer_len = 1 + k * (L + 1) + 2                                 # <answer> ([k] SID) x K </answer> <eos>
     starts = answer_starts(tokens, block_size, answer_token_id, end_think_id, eos_id, answer_len)
     need = int((starts + answer_len).max())
     new_c = max(c, -(-need // block_size) * block_size)
@@ -156,15 +160,16 @@ def assign_answer(model, prompt: torch.Tensor, tokens: torch.Tensor, candidates_
     canvas = torch.where(pos > starts[:, None], torch.full_like(out, mask_id), out)
     canvas[torch.arange(n), starts] = answer_token_id
     cand = candidates_sid_ids.to(tokens.device)
-    scores = slot_scores(model, prompt, canvas, starts, cand, block_size)
+    label_ids = torch.as_tensor(label_ids, dtype=torch.long, device=tokens.device)
+    scores = slot_scores(model, prompt, canvas, starts, cand, block_size, label_ids)
     assignment = torch.tensor(np.stack([hungarian(-s) for s in scores.cpu().numpy()]), device=tokens.device)
     for i in range(n):
         a = int(starts[i])
-        sids = cand[i, assignment[i]].flatten()                      # [K*L] in slot order
+        items = torch.cat([label_ids[assignment[i], None], cand[i, assignment[i]]], 1).flatten()  # slot order
         out[i, a] = answer_token_id
-        out[i, a + 1:a + 1 + k * L] = sids
-        out[i, a + 1 + k * L] = end_answer_id
-        out[i, a + 2 + k * L:] = eos_id
+        out[i, a + 1:a + 1 + k * (L + 1)] = items
+        out[i, a + 1 + k * (L + 1)] = end_answer_id
+        out[i, a + 2 + k * (L + 1):] = eos_id
     if return_info:
         return out, {"starts": starts, "scores": scores, "assignment": assignment}
     return out

@@ -6,7 +6,7 @@ For each block of B positions, start from an all-``<mask>`` canvas and repeat:
 2. for every masked position take the most likely token and its probability (the token shift: position j's
    prediction comes from position j-1, the first one from the last position before the block);
 3. commit every masked position whose probability is >= tau, and always the single most confident one,
-   so a block takes between 1 and B steps.
+   so a block takes between 1 and B steps (optionally only inside the first unfinished sub-block, left to right).
 
 When the block is full, its keys and values are computed once more from the *final* tokens and appended to the
 cache (the ones computed while positions were masked are never kept). With ``fused=True`` that write shares a forward
@@ -61,17 +61,24 @@ def _choose(logits: torch.Tensor, temperature: float, generator) -> tuple[torch.
     return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
 
 
-def commit_rule(conf: torch.Tensor, committed: torch.Tensor, tau: float) -> torch.Tensor:
+def commit_rule(conf: torch.Tensor, committed: torch.Tensor, tau: float, sub_block: int | None = None) -> torch.Tensor:
     """Positions to commit now: masked with confidence >= tau, plus the most confident masked one per row.
 
-    Rows with nothing left to commit commit nothing.
+    With ``sub_block`` (Fast-dLLM v2's sub-blocks) only the first sub-block of that many positions that still has a
+    masked position is open: a block is then filled left to right in chunks, in confidence order inside each chunk,
+    while attention still spans the whole block. Rows with nothing left to commit commit nothing.
     """
-    conf = torch.nan_to_num(conf, nan=-1.0).masked_fill(committed, -2.0)   # an open position always beats a done one
-    commit = (conf >= tau) & ~committed
+    open_ = ~committed
+    if sub_block:
+        chunk = torch.arange(conf.shape[-1], device=conf.device) // sub_block
+        first_open = torch.where(open_, chunk, chunk.max() + 1).min(-1, keepdim=True).values
+        open_ = open_ & (chunk == first_open)
+    conf = torch.nan_to_num(conf, nan=-1.0).masked_fill(~open_, -2.0)   # an open position always beats a closed one
+    commit = (conf >= tau) & open_
     best = conf.argmax(-1, keepdim=True)
-    has_open = (~committed).any(-1, keepdim=True)
+    has_open = open_.any(-1, keepdim=True)
     commit.scatter_(-1, best, commit.gather(-1, best) | has_open)
-    return commit & ~committed
+    return commit & open_
 
 
 class _Forward:
@@ -105,8 +112,10 @@ class _Forward:
 @torch.no_grad()
 def diffusion_decode(model, prompt: torch.Tensor, max_blocks: int, block_size: int, mask_id: int, eos_id: int,
                      tau: float = 1.0, temperature: float = 0.0, fused: bool = True, use_cache: bool = True,
-                     generator=None) -> DecodeResult:
-    """Decode up to ``max_blocks`` blocks of ``block_size`` tokens after each (fixed-length) prompt."""
+                     generator=None, sub_block: int | None = None) -> DecodeResult:
+    """Decode up to ``max_blocks`` blocks of ``block_size`` tokens after each (fixed-length) prompt.
+
+    ``sub_block``: commit left to right in chunks of that many positions (see :func:`commit_rule`)."""
     from transformers import DynamicCache
 
     n, P = prompt.shape
@@ -148,7 +157,7 @@ def diffusion_decode(model, prompt: torch.Tensor, max_blocks: int, block_size: i
             forwards += 1
             pred_logits = torch.cat([last_logits[:, None], logits[:, :B - 1]], 1)
             tok, conf = _choose(pred_logits, temperature, generator)
-            commit = commit_rule(conf, committed, tau)
+            commit = commit_rule(conf, committed, tau, sub_block)
             canvas = torch.where(commit, tok, canvas)
             step_of = torch.where(commit, torch.full_like(step_of, k), step_of)
             steps += (~committed).any(-1).long()

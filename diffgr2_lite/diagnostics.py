@@ -1,0 +1,128 @@
+"""Where an invalid ranking goes wrong: the first bad item of the answer, what is wrong with it, and where it came from.
+
+``parse_ranking`` says *whether* an answer is a permutation of the candidates; these diagnostics say *where* it
+stops being one, which is what tells you what the model has not learned:
+
+* ``where``: the part of the output that breaks first: ``no answer`` (no ``<answer>`` span), ``pick`` (the first
+  answer item, the one the trace's pick decides), ``rest`` (items 2..N, the order that follows the check), or
+  ``end`` (the right items, but too few, too many, or not closed);
+* ``kind``: ``duplicate`` (a candidate already written), ``out_of_set`` (a SID that is not a candidate), ``stray``
+  (a token that is neither a label nor a whole SID), ``missing`` / ``extra`` items, ``unclosed``;
+* ``level``: for an out-of-set SID, the first SID level whose code differs from the candidate its label names (from
+  the closest candidate when there is no label);
+* ``copied_from``: where that wrong code comes from: ``candidate`` (another candidate has this code at this level),
+  ``history`` (a history item has it), or ``nowhere``. Codes copied from the wrong item are the signature of a model
+  that copies by SID prefix instead of by label.
+
+:func:`failure_table` counts these over a whole evaluation, for notebooks 02 and 04.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from .text import ANSWER, END_ANSWER, EOS, LEVEL_NAMES, label_position, label_token, read_sid
+
+PARTS = ("no answer", "pick", "rest", "end")
+
+
+def _split_items(body: list[str], sid_len: int) -> list[tuple[int | None, tuple[str, ...] | None]]:
+    """The answer body as items (label position or None, SID or None when no whole SID follows), in order."""
+    items, i = [], 0
+    while i < len(body):
+        label = label_position(body[i])
+        j = i + (label is not None)                       # the SID starts after the label, if there is one
+        sid = read_sid(body, j, sid_len)
+        items.append((label, sid))
+        i = j + (sid_len if sid is not None else 1)
+    return items
+
+
+def _first_difference(sid: tuple[str, ...], reference: tuple[str, ...]) -> int:
+    return next((lvl for lvl, (a, b) in enumerate(zip(sid, reference)) if a != b), len(sid))
+
+
+def locate_failure(output, candidates: list[tuple[str, ...]], history: list[tuple[str, ...]] | None = None) -> dict:
+    """The first thing wrong with ``output`` (a string or token list) as a ranking of ``candidates``.
+
+    Returns a dict with ``where`` (``valid`` when nothing is wrong), ``kind``, ``slot`` (1-based item index), and for
+    out-of-set SIDs ``level`` (a letter) and ``copied_from``. Never raises on model output.
+    """
+    tokens = output.split() if isinstance(output, str) else [str(t) for t in output]
+    if EOS in tokens:
+        tokens = tokens[: tokens.index(EOS)]
+    candidates = [tuple(c) for c in candidates]
+    history = [tuple(h) for h in (history or [])]
+    n, sid_len = len(candidates), len(candidates[0])
+    out = {"where": "valid", "kind": None, "slot": None, "level": None, "copied_from": None}
+    if ANSWER not in tokens:
+        return {**out, "where": "no answer", "kind": "no answer"}
+    start = len(tokens) - 1 - tokens[::-1].index(ANSWER)
+    body = tokens[start + 1:]
+    closed = END_ANSWER in body
+    body = body[: body.index(END_ANSWER)] if closed else body
+    index = {c: k for k, c in enumerate(candidates)}
+    seen: set[int] = set()
+    for slot, (label, sid) in enumerate(_split_items(body, sid_len), start=1):
+        where = "pick" if slot == 1 else "rest"
+        if slot > n:
+            return {**out, "where": "end", "kind": "extra", "slot": slot}
+        if sid is None:
+            return {**out, "where": where, "kind": "stray", "slot": slot}
+        k = index.get(sid)
+        if k is None:
+            ref = candidates[label] if label is not None and 0 <= label < n else max(
+                candidates, key=lambda c: _first_difference(sid, c))
+            lvl = _first_difference(sid, ref)
+            code = sid[lvl] if lvl < sid_len else None
+            others = [c for c in candidates if c != ref]
+            source = ("candidate" if any(c[lvl] == code for c in others) else
+                      "history" if any(h[lvl] == code for h in history if len(h) == sid_len) else "nowhere")
+            return {**out, "where": where, "kind": "out_of_set", "slot": slot, "level": LEVEL_NAMES[lvl],
+                    "copied_from": source}
+        if k in seen:
+            return {**out, "where": where, "kind": "duplicate", "slot": slot}
+        seen.add(k)
+    if len(seen) < n:
+        return {**out, "where": "end", "kind": "missing", "slot": len(seen) + 1}
+    if not closed:
+        return {**out, "where": "end", "kind": "unclosed"}
+    return out
+
+
+def pick_agrees(output, n_candidates: int) -> bool | None:
+    """Does the answer's first label repeat the trace's ``pick``? None when either is missing."""
+    tokens = output.split() if isinstance(output, str) else [str(t) for t in output]
+    if "pick" not in tokens or ANSWER not in tokens:
+        return None
+    i, a = tokens.index("pick"), len(tokens) - 1 - tokens[::-1].index(ANSWER)
+    if i + 1 >= len(tokens) or a + 1 >= len(tokens):
+        return None
+    picked, first = tokens[i + 1], tokens[a + 1]
+    labels = {label_token(k) for k in range(n_candidates)}
+    if picked not in labels or first not in labels:
+        return None
+    return picked == first
+
+
+def failure_table(outputs: list[str], rows: list[dict], sid_words) -> dict:
+    """Counts of :func:`locate_failure` over an evaluation (``rows`` carry ``candidates`` and ``history`` item ids).
+
+    Returns ``n``, ``invalid``, and for invalid outputs the counts of ``where``, ``kind``, ``level`` and
+    ``copied_from``, plus ``pick_disagrees`` (answers whose first item is not the trace's pick).
+    """
+    where, kind, level, source = Counter(), Counter(), Counter(), Counter()
+    disagree = 0
+    for out, r in zip(outputs, rows):
+        cands = [sid_words(c) for c in r["candidates"]]
+        f = locate_failure(out, cands, [sid_words(h) for h in r.get("history", [])])
+        if pick_agrees(out, len(cands)) is False:
+            disagree += 1
+        if f["where"] == "valid":
+            continue
+        where[f["where"]] += 1
+        kind[f["kind"]] += 1
+        if f["level"]:
+            level[f["level"]] += 1
+            source[f["copied_from"]] += 1
+    return {"n": len(outputs), "invalid": sum(where.values()), "where": dict(where), "kind": dict(kind),
+            "level": dict(level), "copied_from": dict(source), "pick_disagrees": disagree}

@@ -1,0 +1,94 @@
+"""Failure-location diagnostics on hand-made outputs: where an answer stops being a permutation, and why."""
+from __future__ import annotations
+
+import pytest
+
+from diffgr2_lite.diagnostics import failure_table, locate_failure, pick_agrees
+from diffgr2_lite.text import build_answer, sid_tokens
+
+# ten candidates sharing prefixes the way real ones do: pairs share their first code, 4 and 5 share two codes
+CANDS = [sid_tokens(c) for c in [(1, 1, 0), (1, 2, 0), (2, 3, 0), (2, 4, 0), (3, 5, 0), (3, 5, 1), (4, 6, 0),
+                                 (5, 7, 0), (6, 8, 0), (7, 9, 0)]]
+HISTORY = [sid_tokens((8, 10, 0)), sid_tokens((9, 11, 0))]
+
+
+def answer(items: list[str]) -> str:
+    return " ".join(["<think> check pick [1] . </think> <answer>", *items, "</answer> <eos>"])
+
+
+def item(k: int) -> list[str]:
+    return [f"[{k + 1}]", *CANDS[k]]
+
+
+def test_a_valid_answer_is_valid():
+    assert locate_failure(build_answer(CANDS, [3, 1, 2, 0, 4, 5, 6, 7, 8, 9]), CANDS, HISTORY)["where"] == "valid"
+
+
+def test_no_answer_span():
+    assert locate_failure("<think> words </think> <eos>", CANDS)["where"] == "no answer"
+
+
+def test_duplicate_in_the_rest_names_its_slot():
+    items = [t for k in [0, 1, 2, 1, 4, 5, 6, 7, 8, 9] for t in item(k)]
+    f = locate_failure(answer(items), CANDS, HISTORY)
+    assert (f["where"], f["kind"], f["slot"]) == ("rest", "duplicate", 4)
+
+
+def test_out_of_set_copied_from_another_candidate():
+    """Label [2] followed by candidate [1]'s second code: the wrong item's continuation, at level b."""
+    bad = ["[2]", "<a_1>", "<b_1>", "<c_5>"]                   # [2] is (1, 2, 0); b_1 is candidate [1]'s
+    items = item(0) + bad + [t for k in range(2, 10) for t in item(k)]
+    f = locate_failure(answer(items), CANDS, HISTORY)
+    assert (f["where"], f["kind"], f["slot"], f["level"], f["copied_from"]) == ("rest", "out_of_set", 2, "b",
+                                                                                 "candidate")
+
+
+def test_out_of_set_copied_from_history_and_from_nowhere():
+    hist_code = ["[1]", "<a_1>", "<b_10>", "<c_0>"]           # b_10 appears only in the history
+    f = locate_failure(answer(hist_code + [t for k in range(1, 10) for t in item(k)]), CANDS, HISTORY)
+    assert (f["where"], f["level"], f["copied_from"]) == ("pick", "b", "history")
+    invented = ["[1]", "<a_1>", "<b_1>", "<c_7>"]
+    f = locate_failure(answer(invented + [t for k in range(1, 10) for t in item(k)]), CANDS, HISTORY)
+    assert (f["level"], f["copied_from"]) == ("c", "nowhere")
+
+
+def test_without_a_label_the_closest_candidate_is_the_reference():
+    bad = ["<a_3>", "<b_7>", "<c_0>"]                          # closest: (3, 5, *): level b differs; b_7 is [8]'s
+    f = locate_failure(answer(bad + [t for k in range(1, 10) for t in item(k)]), CANDS, HISTORY)
+    assert (f["kind"], f["level"], f["copied_from"]) == ("out_of_set", "b", "candidate")
+    # a duplicate written under another candidate's label is a duplicate: the SIDs decide
+    items = item(0) + ["[2]", *CANDS[0]] + [t for k in range(2, 10) for t in item(k)]
+    assert locate_failure(answer(items), CANDS)["kind"] == "duplicate"
+
+
+def test_stray_missing_extra_and_unclosed():
+    items = item(0) + ["[2]", "word"] + [t for k in range(2, 10) for t in item(k)]
+    assert locate_failure(answer(items), CANDS)[("kind")] == "stray"
+    f = locate_failure(answer([t for k in range(9) for t in item(k)]), CANDS)
+    assert (f["where"], f["kind"], f["slot"]) == ("end", "missing", 10)
+    f = locate_failure(answer([t for k in list(range(10)) + [0] for t in item(k)]), CANDS)
+    assert (f["where"], f["kind"], f["slot"]) == ("end", "extra", 11)
+    unclosed = "<answer> " + " ".join(t for k in range(10) for t in item(k)) + " <eos>"
+    assert locate_failure(unclosed, CANDS)["kind"] == "unclosed"
+
+
+def test_pick_agreement():
+    text = answer([t for k in [2, 0, 1, 3, 4, 5, 6, 7, 8, 9] for t in item(k)])      # trace says pick [1]
+    assert pick_agrees(text, 10) is False
+    assert pick_agrees(text.replace("pick [1]", "pick [3]"), 10) is True
+    assert pick_agrees("<answer> [1] </answer>", 10) is None
+
+
+@pytest.mark.parametrize("garbage", ["", "<answer>", "<answer> [99] [1] <a_1>", "[1] [1] [1]", "<answer> <b_1> <a_1>"])
+def test_garbage_never_raises(garbage):
+    f = locate_failure(garbage, CANDS, HISTORY)
+    assert f["where"] in ("no answer", "pick", "rest", "end")
+
+
+def test_failure_table_counts():
+    rows = [{"candidates": list(range(10)), "history": [10, 11]}] * 3
+    sids = CANDS + HISTORY
+    outputs = [build_answer(CANDS), answer([t for k in [0, 0] for t in item(k)]), "no answer here"]
+    t = failure_table(outputs, rows, lambda i: sids[i])
+    assert t["n"] == 3 and t["invalid"] == 2
+    assert t["where"] == {"rest": 1, "no answer": 1} and t["kind"] == {"duplicate": 1, "no answer": 1}
