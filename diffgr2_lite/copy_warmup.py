@@ -144,3 +144,56 @@ def train_copy(model, task: CopyTask, *, steps: int, batch_size: int, lr: float,
     model.eval()
     hist["seconds"] = time.time() - t0
     return hist
+
+
+# ----------------------------------------------------------------------------------------------- relabelling
+def relabel_sids(prompt: torch.Tensor, completion: torch.Tensor, ranges: list[tuple[int, int]],
+                 generator: torch.Generator | None = None, share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rename every SID code of a row through one random bijection per level, in the prompt and completion alike.
+
+    ``ranges``: (first token id, count) of each SID level (:func:`text.sid_token_ranges`). A ``share`` of the rows is
+    relabelled (the others are returned unchanged). The ranking, the labels and every word stay the same; only which
+    codes name which item changes, so a row can no longer be answered from memory of its items: the model must copy.
+    """
+    n = prompt.shape[0]
+    ids = torch.cat([prompt, completion], 1)
+    out = ids.clone()
+    rows = torch.rand(n, generator=generator, device=ids.device) < share
+    for first, count in ranges:
+        perm = torch.rand(n, count, generator=generator, device=ids.device).argsort(1) + first
+        in_level = (ids >= first) & (ids < first + count) & rows[:, None]
+        out = torch.where(in_level, perm.gather(1, (ids - first).clamp(0, count - 1)), out)
+    return out[:, :prompt.shape[1]], out[:, prompt.shape[1]:]
+
+
+# ----------------------------------------------------------------------------------------------- the gate
+@torch.no_grad()
+def answer_validity(model, rows: list[dict], example_set, device, batch_size: int = 256) -> dict:
+    """Free-running validity of the answer alone: given the prompt and the teacher's trace up to ``<answer>``, decode
+    the rest greedily (no constraint) and parse it.
+
+    Returns ``valid`` (share of valid permutations) and ``follows`` (share whose ranking is exactly the one the
+    trace's check and pick determine). This isolates writing the answer from reasoning: the copy skill the warm-up
+    must reach before SFT starts.
+    """
+    from .ar import ar_decode, autocast
+    from .text import decode_tokens, parse_ranking
+
+    tok = example_set.tokenizer
+    answer_id = tok.convert_tokens_to_ids(ANSWER)
+    prefixes = [r["prompt_ids"] + r["completion_ids"][: r["completion_ids"].index(answer_id) + 1] for r in rows]
+    answer_len = example_set.fmt.answer_len
+    valid = follows = 0
+    for length in sorted({len(p) for p in prefixes}):                 # fixed-width traces: one group in practice
+        group = [i for i, p in enumerate(prefixes) if len(p) == length]
+        for s in range(0, len(group), batch_size):
+            idx = group[s:s + batch_size]
+            x = torch.tensor([prefixes[i] for i in idx], dtype=torch.long, device=device)
+            with autocast(device):
+                out = ar_decode(model, x, answer_len - 1, tok.eos_token_id)["tokens"]
+            for i, ids in zip(idx, out.tolist()):
+                parsed = parse_ranking([ANSWER, *decode_tokens(tok, ids)], example_set.candidate_sids(rows[i]))
+                valid += parsed.valid
+                follows += parsed.valid and parsed.ranking == list(rows[i]["teacher_ranking"])
+    n = max(1, len(rows))
+    return {"valid": valid / n, "follows": follows / n, "n": len(rows)}
