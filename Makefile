@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup tutorial test unit nbval lab results bench clean
+.PHONY: setup tutorial test unit nbval browser lab results bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	@# no GPU: take the CPU build of torch first (an unpinned install pulls a multi-GB CUDA build)
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; fi
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m ipykernel install --sys-prefix --name diffgr2-lite --display-name "diffgr2-lite" >/dev/null
+	@# the notebooks name this kernel (nbfiles.KERNELSPEC): Lab finds it and leaves their metadata as committed
+	$(PY) -m ipykernel install --sys-prefix --name diffgr2-lite --display-name "Python 3 (diffgr2-lite)" >/dev/null
 	@touch $@
 
 setup: $(VENV)/.installed
@@ -26,18 +27,24 @@ setup: $(VENV)/.installed
 tutorial: setup
 	$(PY) -m diffgr2_lite notebooks --profile $(PROFILE)
 
-## make test: unit tests, then every notebook under nbval in the smoke profile
-test: setup unit nbval
+## make test: unit tests, every notebook under nbval in the smoke profile, then JupyterLab in headless Chromium
+test: setup unit nbval browser
 
 unit: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not browser"
 
 nbval: setup
-	DIFFGR2_PROFILE=smoke DIFFGR2_RUNS=$(CURDIR)/runs $(PY) -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg \
-		--nbval-kernel-name python3 -p no:cacheprovider notebooks
+	DIFFGR2_PROFILE=smoke DIFFGR2_RUNS=$(CURDIR)/runs DIFFGR2_PLAIN_PROGRESS=1 $(PY) -m pytest --nbval-lax \
+		--nbval-sanitize-with notebooks/sanitize.cfg --nbval-kernel-name python3 -p no:cacheprovider notebooks
 
+## make browser: a learner's path in JupyterLab, driven in headless Chromium (skips without Chromium); after nbval
+## it reuses the smoke artifacts in runs/
+browser: setup
+	DIFFGR2_RUNS=$(CURDIR)/runs $(PY) -m pytest tests -m browser -p no:cacheprovider -rs
+
+## make lab: JupyterLab on notebooks/ (as root too), with the save hook that keeps the notebooks' metadata as committed
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks
+	$(PY) -m diffgr2_lite lab
 
 ## make results: copy runs/full/*/metrics.json into results/full/ and regenerate the README table
 results: setup

@@ -1,6 +1,9 @@
 """Command line: ``python -m diffgr2_lite <verb>``.
 
     notebooks       run the notebook series headlessly with papermill into runs/<profile>/notebooks/
+    finalize-notebooks  make executed notebooks the committed ones: comment out papermill's injected parameters,
+                    widgets -> text, stable metadata (nbfiles.py); e.g. finalize-notebooks runs/full/notebooks
+    lab             JupyterLab on notebooks/ with the project's save hook (make lab)
     results         copy runs/<profile>/<stage>/metrics.json into results/<profile>/ and regenerate the README table
     download-amazon fetch the canonical Amazon Beauty files (reviews_Beauty_5.json.gz, meta_Beauty.json.gz)
     bench           the AR vs block-diffusion speed benchmark on the profile's checkpoints
@@ -29,6 +32,7 @@ def run_notebooks(profile_name: str, only: list[str] | None = None, out_dir: str
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("DIFFGR2_PLAIN_PROGRESS", "1")   # kernels inherit it: text bars, one final line (progress.py)
     profile = get_profile(profile_name)
     out = Path(out_dir) if out_dir else art.runs_dir(profile.name) / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
@@ -38,14 +42,20 @@ def run_notebooks(profile_name: str, only: list[str] | None = None, out_dir: str
         if unknown:
             raise ConfigError(f"no notebook matches {unknown}; notebooks: {', '.join(nb.stem for nb in notebooks)}")
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in only)]
+    # the overview runs last: its closing cell reads what the other notebooks of this run measured
+    last = len(notebooks) > 1
+    notebooks.sort(key=lambda nb: (last and nb.stem.startswith("00_"), nb.stem))
     for nb in notebooks:
         t0 = time.time()
         print(f"== {nb.name} (profile {profile.name})", flush=True)
         pm.execute_notebook(str(nb), str(out / nb.name), parameters={"profile": profile.name},
-                            kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
+                            kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+                            progress_bar={"desc": f"   {nb.stem}", "unit": "cell"},
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])   # not its TCP warning
         mark_injected_cells(out / nb.name)
         print(f"   done in {time.time() - t0:.0f} s", flush=True)
-    print(f"\nexecuted notebooks: {out}\nstage artifacts and metrics: {art.runs_dir(profile.name)}")
+    print(f"\nexecuted notebooks: {out}\nstage artifacts and metrics: {art.runs_dir(profile.name)}\n"
+          f"to commit them: python -m diffgr2_lite finalize-notebooks {out}")
     return out
 
 
@@ -173,7 +183,13 @@ def main(argv=None) -> int:
     dl.add_argument("--force", action="store_true")
     bn = sub.add_parser("bench", help="speed benchmark (GPU)")
     bn.add_argument("--profile", default=None)
-    args = ap.parse_args(argv)
+    fz = sub.add_parser("finalize-notebooks", help="executed notebooks -> notebooks/ (nbfiles.finalize_notebook)")
+    fz.add_argument("executed_dir", help="a folder of executed NN_*.ipynb, e.g. runs/full/notebooks")
+    fz.add_argument("--into", default=str(NOTEBOOK_DIR), help="where to write them (default: notebooks/)")
+    sub.add_parser("lab", help="JupyterLab on notebooks/ with the project's save hook; other arguments go to it")
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.verb != "lab":
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.verb == "notebooks":
             run_notebooks(args.profile or get_profile().name, args.only, args.out)
@@ -187,6 +203,18 @@ def main(argv=None) -> int:
             download_amazon_beauty(args.dest, force=args.force)
         elif args.verb == "bench":
             run_notebooks(args.profile or get_profile().name, ["08"])
+        elif args.verb == "finalize-notebooks":
+            from .nbfiles import finalize_dir
+
+            finalize_dir(args.executed_dir, args.into)
+        elif args.verb == "lab":
+            import os
+
+            from .nbfiles import lab_args
+
+            cmd = [sys.executable, "-m", "jupyter", "lab", *lab_args(), *extra]
+            print(" ".join(cmd), flush=True)
+            os.execv(sys.executable, cmd)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .text import ANSWER, END_ANSWER
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .ar import autocast
 from .metrics import score_parses

@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .ar import BestState, autocast, completion_logits, max_completion_len, maybe_validate
 from .diffusion.replay import first_eos, masked_hidden, replay_hidden, select_rows, valid_positions

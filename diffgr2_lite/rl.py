@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .ar import BestState, autocast, maybe_validate
 from .diffusion.replay import first_eos, replay_logprobs, select_rows, valid_positions

@@ -102,24 +102,35 @@ def tiny_random_model(vocab: int = 40, hidden: int = 32, layers: int = 2, heads:
 
 
 def draw_commit_order(results: dict, length: int, block_size: int):
-    """One row per decoder: each completion position coloured by the forward pass that committed it."""
-    fig, axes = plt.subplots(len(results), 1, figsize=(10, 1.1 * len(results) + 0.4), squeeze=False)
+    """One row per real decode: each completion position coloured and numbered by the forward that committed it.
+
+    ``results`` maps a name to the output of :func:`ar.ar_decode` (a dict: token k comes from the k-th forward
+    after the prompt, the first from the prompt's own forward, 0) or of :func:`diffusion.sampler.diffusion_decode`
+    (forwards numbered from 1, the prompt's forward not counted). Titles give each decoder's own ``forwards`` count.
+    """
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 1.1 * len(results) + 0.5), squeeze=False)
     for ax, (name, res) in zip(axes[:, 0], results.items()):
-        if res is None:
-            order = np.arange(length)
+        if isinstance(res, dict):                                       # AR: one token per forward
+            n = min(length, int(res["tokens"].shape[1]))
+            order, forwards = np.arange(n), int(res["forwards"])
         else:
             steps = res.steps[0].tolist()
             cs = res.commit_step[0].tolist()
             offsets = np.concatenate([[0], np.cumsum(steps)])
-            order = np.array([offsets[i // block_size] + cs[i] for i in range(min(length, len(cs)))])
-        ax.imshow(order[None, :], cmap="viridis", aspect="auto")
-        for i, o in enumerate(order):
-            ax.text(i, 0, str(int(o) + 1), ha="center", va="center", fontsize=7, color="white")
+            order = np.array([offsets[i // block_size] + cs[i] + 1 for i in range(min(length, len(cs)))])
+            forwards = int(res.forwards)
+        ax.imshow(order[None, :], cmap="viridis", aspect="auto", extent=(-0.5, len(order) - 0.5, 0.5, -0.5))
+        lo, hi = int(order.min()), max(int(order.max()), int(order.min()) + 1)
+        for i, o in enumerate(order):                                   # dark text on the bright end of viridis
+            ax.text(i, 0, str(int(o)), ha="center", va="center", fontsize=7,
+                    color="black" if (o - lo) / (hi - lo) > 0.6 else "white")
         for b in range(0, length + 1, block_size):
             ax.axvline(b - 0.5, color="red", lw=1.5)
+        ax.set_xlim(-0.5, length - 0.5)
         ax.set_yticks([])
-        ax.set_title(f"{name}: {int(order.max()) + 1} forwards for {length} tokens", fontsize=9, loc="left")
-    axes[-1, 0].set_xlabel("completion position (red lines: block boundaries)")
+        ax.set_title(f"{name}: {forwards} forwards after the prompt for {len(order)} tokens", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("completion position (number: the forward that committed it, 0 = the prompt's own; "
+                           "red lines: block boundaries)")
     fig.tight_layout()
     return fig
 
@@ -164,7 +175,11 @@ def denoise_widget(frames: list[list[str]], block_size: int):
     slider = widgets.IntSlider(0, 0, len(frames) - 1, description="forward")
     slider.observe(lambda ch: render(ch["new"]), names="value")
     render(0)
-    return widgets.VBox([slider, out])
+    class Scrubber(widgets.VBox):
+        def __repr__(self):   # the text a saved notebook shows where the widget cannot render
+            return "(interactive scrubber: run this cell in JupyterLab to step through the forwards)"
+
+    return Scrubber([slider, out])
 
 
 def plot_denoising_static(frames: list[list[str]], block_size: int, n_rows: int = 6):
@@ -178,5 +193,136 @@ def plot_denoising_static(frames: list[list[str]], block_size: int, n_rows: int 
     ax.set_yticks(range(len(idx)))
     ax.set_yticklabels([f"after forward {i}" for i in idx])
     ax.set(xlabel="completion position", title="denoising of one example (green = committed)")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------- "What this run found"
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def speed_findings(rows: list[dict], vs_len: list[dict] | None = None) -> list[str]:
+    """Markdown bullets about the speed benchmark, read from its rows (``bench.benchmark`` / speed.json)."""
+    out = []
+    for b in sorted({r["batch"] for r in rows}):
+        ar = next((r for r in rows if r["batch"] == b and r["decoder"] == "ar"), None)
+        dif = sorted((r for r in rows if r["batch"] == b and r["decoder"] != "ar"), key=lambda r: -r["tau"])
+        if ar is None or not dif:
+            continue
+        each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at τ {r['tau']} (valid {_pct(r['valid_rate'])})" for r in dif)
+        out.append(f"**Batch {b}.** AR: {ar['tokens_per_s']:,.0f} tokens/s, {ar['ms_per_forward']:.2f} ms per forward, "
+                   f"valid {_pct(ar['valid_rate'])}. Block diffusion (B = {dif[0]['block_size']}) commits "
+                   f"{min(r['tokens_per_forward'] for r in dif):.2f}–{max(r['tokens_per_forward'] for r in dif):.2f} "
+                   f"tokens per forward at {min(r['ms_per_forward'] for r in dif):.2f}–"
+                   f"{max(r['ms_per_forward'] for r in dif):.2f} ms per forward: {each} of AR's tokens/s.")
+    ok = [r for r in rows if r["decoder"] != "ar" and r["speedup_vs_ar"] > 1 and r["valid_rate"] >= 1
+          and r["recall@1"] >= next(a["recall@1"] for a in rows if a["decoder"] == "ar" and a["batch"] == r["batch"])]
+    if ok:
+        best = max(ok, key=lambda r: r["speedup_vs_ar"])
+        out.append(f"**The goal** (faster than AR with every output valid and AR's R@1) **is met** by {len(ok)} "
+                   f"setting(s); the fastest: {best['speedup_vs_ar']:.2f}× at batch {best['batch']}, τ {best['tau']}.")
+    else:
+        out.append("**The goal** (faster than AR with every output valid and AR's R@1) **is not met**: no diffusion "
+                   "setting here is faster than AR with all of its outputs valid at AR's R@1.")
+    if vs_len:
+        out.append(f"**Against output length** (τ {vs_len[0]['tau']}, batch {vs_len[0]['batch']}, no early stop): "
+                   + ", ".join(f"{r['speedup']:.2f}× at {r['tokens']} tokens" for r in vs_len) + ".")
+    return out
+
+
+def run_findings(records: dict, source: str = "") -> str:
+    """The closing "What this run found" of notebook 00, as markdown, from the stages' saved metrics records
+    (``pipeline.load_stage_records``): every number is read, none typed."""
+    if not any("metrics" in r or "rows" in r for r in records.values()):
+        return (f"No measurements yet{' in `' + source + '`' if source else ''}: this cell reads the metrics that "
+                "notebooks 01–08 save. Run them (or `make tutorial`), then run this cell again.")
+    first = next(r for r in records.values() if "metrics" in r)
+    dates = sorted(r["created"][:10] for r in records.values() if r.get("created"))
+    devices = sorted({r["device"] for r in records.values() if r.get("device")})
+    head = (f"*(profile `{first.get('profile')}`, {first.get('dataset')}, {first.get('n_eval')} test users; "
+            f"{', '.join(devices)}; measured {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
+            + (f"; read from `{source}`" if source else "") + ".)*")
+    if first.get("profile") == "smoke":
+        head += "\n\n*Smoke profile: a tiny model on a small synthetic set. These numbers only show the plumbing works.*"
+
+    def r1(stage):
+        return records[stage]["metrics"]["recall@1"] if stage in records and "metrics" in records[stage] else None
+
+    def valid(stage):
+        return records[stage]["metrics"]["valid_rate"]
+
+    bullets = []
+    if r1("ar") is not None:
+        parts = [f"AR GR2 scores R@1 {r1('ar'):.3f} with free decoding (valid {_pct(valid('ar'))})"]
+        if r1("ar_constrained") is not None:
+            parts.append(f"{r1('ar_constrained'):.3f} with constrained decoding")
+        base = [f"{name} {r1(s):.3f}" for s, name in (("retriever", "the retriever's order"), ("teacher", "the teacher"),
+                                                      ("ar_direct", "AR without reasoning")) if r1(s) is not None]
+        bullets.append("**Re-ranking.** " + ", ".join(parts) + (f"; against {', '.join(base)}." if base else "."))
+    chain = [(s, name) for s, name in (("naive", "naive conversion"), ("cft", "CFT"), ("opd", "OPD"), ("rl", "RL"))
+             if r1(s) is not None]
+    if chain:
+        bullets.append("**Conversion.** Rankings written valid by the block-diffusion model: "
+                       + ", then ".join(f"{name} {_pct(valid(s))}" for s, name in chain)
+                       + f" (τ {records[chain[0][0]].get('tau')}). R@1 (an invalid answer falls back to the retriever's "
+                       "order): " + ", ".join(f"{r1(s):.3f}" for s, _ in chain) + "; strict R@1 (invalid = miss): "
+                       + ", ".join(f"{records[s]['metrics_strict']['recall@1']:.3f}" for s, _ in chain) + ".")
+    if "speed" in records and records["speed"].get("rows"):
+        bullets.append("**Speed** (" + str(records["speed"].get("device")) + ", notebook 08). "
+                       + " ".join(speed_findings(records["speed"]["rows"])))
+    missing = [s for s in ("retriever", "teacher", "ar", "ar_constrained", "naive", "cft", "opd", "rl", "speed")
+               if s not in records]
+    if missing:
+        bullets.append("Not measured yet: " + ", ".join(missing) + ".")
+    return head + "\n\n" + "\n".join(f"* {b}" for b in bullets)
+
+
+# ----------------------------------------------------------------------------------------------- speed (notebook 08)
+def speed_table(rows: list[dict]) -> list[dict]:
+    """The speed rows with the columns a reader compares, short headers (the full rows are in speed.json)."""
+    out = []
+    for r in rows:
+        s = r.get("strict_recall@1")
+        out.append({"decoder": r["decoder"], "batch": r["batch"], "B": r["block_size"],
+                    "τ": "" if r["tau"] is None else r["tau"], "tokens/s": f"{r['tokens_per_s']:,.0f}",
+                    "ms/forward": f"{r['ms_per_forward']:.2f}", "tokens/forward": f"{r['tokens_per_forward']:.2f}",
+                    "speedup": f"{r['speedup_vs_ar']:.2f}×", "R@1": f"{r['recall@1']:.3f}",
+                    "strict R@1": "–" if s is None else f"{s:.3f}", "valid": f"{r['valid_rate']:.3f}"})
+    return out
+
+
+def length_table(rows: list[dict]) -> list[dict]:
+    """``bench.speedup_vs_length`` rows, the columns a reader compares."""
+    return [{"blocks": r["blocks"], "tokens": r["tokens"], "AR ms": f"{r['ar_ms']:.1f}",
+             "diffusion ms": f"{r['diffusion_ms']:.1f}", "diffusion forwards": r["diffusion_forwards"],
+             "tokens/forward": f"{r['tokens_per_forward']:.2f}", "speedup": f"{r['speedup']:.2f}×"} for r in rows]
+
+
+def plot_speed_frontier(rows: list[dict]):
+    """One panel per batch size: each diffusion setting at (speedup over AR, strict R@1), labelled with its tau and
+    valid rate; AR's strict R@1 dashed. Labels alternate above and below their point so neighbours do not collide."""
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 3.6), squeeze=False, sharey=True)
+    for ax, b in zip(axes[0], batches):
+        pts = sorted((r for r in rows if r["batch"] == b and r["decoder"] != "ar"), key=lambda r: r["speedup_vs_ar"])
+        ar = next(r for r in rows if r["batch"] == b and r["decoder"] == "ar")
+        ys = [r.get("strict_recall@1") or 0.0 for r in pts]
+        ax.plot([r["speedup_vs_ar"] for r in pts], ys, marker="o", lw=1, label="block diffusion")
+        for i, (r, y) in enumerate(zip(pts, ys)):
+            ax.annotate(f"τ {r['tau']}\nvalid {r['valid_rate']:.0%}", (r["speedup_vs_ar"], y), fontsize=7,
+                        ha="center", va="bottom" if i % 2 == 0 else "top", textcoords="offset points",
+                        xytext=(0, 7 if i % 2 == 0 else -7))
+        ax.axhline(ar.get("strict_recall@1") or 0.0, color="k", ls="--", lw=1,
+                   label=f"AR (valid {ar['valid_rate']:.0%})")
+        ax.axvline(1, color="grey", lw=1)
+        xs = [r["speedup_vs_ar"] for r in pts] + [1.0]
+        ax.set_xlim(min(xs) - 0.25, max(xs) + 0.25)
+        ax.set(xlabel="speedup over AR (tokens/s)", title=f"batch {b}")
+        ax.legend(fontsize=7, loc="best")
+    axes[0, 0].set_ylabel("strict R@1 (invalid = miss)")
+    top = max([r.get("strict_recall@1") or 0.0 for r in rows] + [0.05])
+    axes[0, 0].set_ylim(-0.25 * top, 1.35 * top)
+    fig.suptitle("speed against accuracy, same setting, same run", fontsize=10)
     fig.tight_layout()
     return fig

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..config import Profile
 from ..text import (PromptFormat, build_completion, build_prompt, build_vocabulary, item_words, make_tokenizer,

@@ -1,0 +1,267 @@
+"""The committed notebooks' form: finalize-notebooks, the Lab save hook, progress bars, the 00/08 helpers."""
+from __future__ import annotations
+
+import io
+import re
+import sys
+import types
+
+import nbformat
+import pytest
+
+from diffgr2_lite import nbfiles, progress
+from diffgr2_lite.artifacts import REPO
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# executed before finalize-notebooks existed; the next GPU run, finalized, replaces their outputs
+NOT_YET_FINALIZED = {"01_data", "02_ar_gr2", "03_block_diffusion", "04_structural_gap", "05_cft", "06_opd", "07_rl"}
+
+
+# ----------------------------------------------------------------------------------------------- committed files
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_metadata_is_what_lab_keeps(path):
+    """The project's kernel, version-free language_info, no widget state, nbformat's own layout: JupyterLab opens
+    and autosaves these without changing a byte (the browser test checks that in Lab itself)."""
+    nb = nbfiles.read(path)
+    assert nbfiles.problems(nb) == [], f"run: python -m diffgr2_lite finalize-notebooks <executed dir> ({path.name})"
+    assert path.read_text(encoding="utf-8") == nbfiles.dumps(nb), f"{path.name} is not in nbformat's layout"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_outputs_read_well_untrusted(path, request):
+    if path.stem in NOT_YET_FINALIZED:
+        request.applymarker(pytest.mark.xfail(reason="outputs from before finalize-notebooks", strict=False))
+    assert nbfiles.output_problems(nbfiles.read(path)) == []
+
+
+def test_parameters_cells_default_to_the_environment_profile():
+    """Run as committed, every notebook's parameters resolve the default profile (no active injected cell)."""
+    for path in NOTEBOOKS:
+        nb = nbfiles.read(path)
+        params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1, path.name
+        ns = {}
+        exec(params[0].source, ns)
+        assert ns["profile"] is None, path.name
+
+
+# ----------------------------------------------------------------------------------------------- finalize
+def _executed_notebook():
+    """A small stand-in for a papermill output: injected cell, widget outputs with state, split streams."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("profile = None\ndataset = None")
+    params.metadata["tags"] = ["parameters"]
+    injected = nbformat.v4.new_code_cell('# Parameters\nprofile = "full"\n', execution_count=2)
+    injected.metadata["tags"] = ["injected-parameters", "nbval-skip"]
+    view = "application/vnd.jupyter.widget-view+json"
+
+    def widget_out(model_id, text):
+        return nbformat.v4.new_output("display_data", data={
+            "text/plain": text, view: {"model_id": model_id, "version_major": 2, "version_minor": 0}})
+
+    work = nbformat.v4.new_code_cell("train()", execution_count=3, outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text="a\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="b 10%\rb 100%\n"),
+        widget_out("bar", "Loading weights:   0%|          | 0/56 [00:00<?, ?it/s]"),
+        widget_out("gone", "validating:   0%|          | 0/1 [00:00<?, ?it/s]"),
+        nbformat.v4.new_output("display_data", data={"image/png": "iVBOR", "text/plain": "<Figure>"}),
+    ])
+    scrub = nbformat.v4.new_code_cell("denoise_widget(frames, 32)", execution_count=4, outputs=[
+        nbformat.v4.new_output("execute_result", execution_count=4, data={
+            "text/plain": "(interactive scrubber: run this cell in JupyterLab ...)",
+            view: {"model_id": "box", "version_major": 2, "version_minor": 0}})])
+    nb.cells = [params, injected, work, scrub]
+
+    def m(name, **state):
+        return {"model_module": "@jupyter-widgets/controls", "model_module_version": "2.0.0", "model_name": name,
+                "state": state}
+
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["language_info"] = {**nbfiles.LANGUAGE_INFO, "version": "3.12.3"}
+    nb.metadata["widgets"] = {nbfiles.WIDGET_STATE: {"version_major": 2, "version_minor": 0, "state": {
+        "bar": m("HBoxModel", children=["IPY_MODEL_l", "IPY_MODEL_p", "IPY_MODEL_r"], layout="IPY_MODEL_lay"),
+        "l": m("HTMLModel", value="Loading\u2007weights:\u2007100%"),
+        "p": m("FloatProgressModel", value=56.0, max=56.0),
+        "r": m("HTMLModel", value="\u200756/56\u2007[00:00&lt;00:00,\u20074588.95it/s]"),
+        "lay": {"model_name": "LayoutModel", "state": {"visibility": None}},
+        "box": m("VBoxModel", children=[]),
+    }}}
+    nb.metadata["papermill"] = {"parameters": {"profile": "full"}}
+    return nb
+
+
+def test_finalize_comments_out_the_injected_cell_and_keeps_its_record():
+    nb = nbfiles.finalize_notebook(_executed_notebook())
+    inj = nb.cells[1]
+    assert "injected-parameters" in inj.metadata["tags"]                    # papermill still finds and replaces it
+    assert '# profile = "full"' in inj.source and inj.outputs == []
+    ns = {}
+    for cell in nb.cells[:2]:
+        exec(cell.source, ns)
+    assert ns["profile"] is None                                             # Run All: the default profile
+    assert nbfiles.active_injected_cells(nb) == [] and nbfiles.active_injected_cells(_executed_notebook()) == [1]
+
+
+def test_finalize_turns_widgets_into_text_and_keeps_the_rest():
+    nb = nbfiles.finalize_notebook(_executed_notebook())
+    outs = nb.cells[2].outputs
+    assert [o.output_type for o in outs] == ["stream", "display_data"]      # streams merged, as Lab does on load
+    assert outs[0].text == ("a\nb 100%\n"                                    # carriage return resolved
+                            "Loading weights: 100%|██████████| 56/56 [00:00<00:00, 4588.95it/s]\n")
+    assert outs[1].data == {"image/png": "iVBOR", "text/plain": "<Figure>"}  # kept as it was
+    scrub = nb.cells[3].outputs[0]
+    assert scrub.output_type == "execute_result" and list(scrub.data) == ["text/plain"]
+    assert "widgets" not in nb.metadata and nb.metadata["papermill"] == {"parameters": {"profile": "full"}}
+    assert nbfiles.problems(nb) == [] and nbfiles.output_problems(nb) == []
+    nbformat.validate(nb)
+
+
+def test_finalize_is_idempotent_and_the_cli_writes_into_notebooks(tmp_path, capsys):
+    from diffgr2_lite.__main__ import main
+
+    src, dst = tmp_path / "executed", tmp_path / "notebooks"
+    src.mkdir()
+    nbformat.write(_executed_notebook(), str(src / "03_x.ipynb"))
+    assert main(["finalize-notebooks", str(src), "--into", str(dst)]) == 0
+    first = (dst / "03_x.ipynb").read_text()
+    assert main(["finalize-notebooks", str(dst), "--into", str(dst)]) == 0
+    assert (dst / "03_x.ipynb").read_text() == first
+    assert "unchanged" in capsys.readouterr().out
+    assert main(["finalize-notebooks", str(tmp_path / "empty")]) == 2
+
+
+def test_pre_save_hook_keeps_the_committed_metadata():
+    li = {**nbfiles.LANGUAGE_INFO, "version": "3.11.7"}
+    model = {"type": "notebook", "content": {"metadata": {
+        "kernelspec": {"name": nbfiles.KERNEL_NAME, "display_name": "diffgr2-lite", "language": "python"},
+        "language_info": dict(li)}}}
+    nbfiles.pre_save_hook(model=model, path="x.ipynb", contents_manager=None)
+    assert model["content"]["metadata"] == {"kernelspec": nbfiles.KERNELSPEC, "language_info": nbfiles.LANGUAGE_INFO}
+    other = {"type": "notebook", "content": {"metadata": {"kernelspec": {"name": "python3"}, "language_info": li}}}
+    nbfiles.pre_save_hook(model=other)
+    assert other["content"]["metadata"]["language_info"]["version"] == "3.11.7"   # not ours: untouched
+    nbfiles.pre_save_hook(model={"type": "file", "content": "text"})
+
+
+def test_lab_args_install_the_hook_and_allow_root_only_as_root(monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    args = nbfiles.lab_args()
+    assert args[0].endswith("notebooks") and "--allow-root" in args
+    assert "--ContentsManager.pre_save_hook=diffgr2_lite.nbfiles.pre_save_hook" in args
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert "--allow-root" not in nbfiles.lab_args()
+
+
+def test_makefile_registers_the_kernel_the_notebooks_name():
+    mk = (REPO / "Makefile").read_text()
+    assert f'--name {nbfiles.KERNEL_NAME} --display-name "{nbfiles.KERNEL_DISPLAY_NAME}"' in mk
+    nbval = mk[mk.index("\nnbval:"):].split("\n\n")[0]
+    assert "DIFFGR2_PLAIN_PROGRESS=1" in nbval and "DIFFGR2_PROFILE=smoke" in nbval
+    assert "-m diffgr2_lite lab" in mk
+
+
+def test_tutorial_runner_shows_cells_and_silences_the_kernel(monkeypatch, tmp_path):
+    """``notebooks``: per-notebook cell progress, no kernel warnings, plain text bars, the overview last."""
+    from diffgr2_lite import __main__ as cli
+
+    calls = []
+    fake = types.SimpleNamespace(execute_notebook=lambda src, dst, **kw: calls.append((src, dst, kw)))
+    monkeypatch.setitem(sys.modules, "papermill", fake)
+    monkeypatch.setattr(cli, "mark_injected_cells", lambda path: None)
+    monkeypatch.delenv("DIFFGR2_PLAIN_PROGRESS", raising=False)
+    cli.run_notebooks("smoke", ["00", "01", "08"], str(tmp_path))
+    assert [c[0].rsplit("/", 1)[-1][:2] for c in calls] == ["01", "08", "00"]
+    kw = calls[0][2]
+    assert kw["progress_bar"]["unit"] == "cell" and "01_data" in kw["progress_bar"]["desc"]
+    assert "--IPKernelApp.log_level=ERROR" in kw["extra_arguments"]
+    import os
+
+    assert os.environ["DIFFGR2_PLAIN_PROGRESS"] == "1"
+    monkeypatch.delenv("DIFFGR2_PLAIN_PROGRESS")
+
+
+# ----------------------------------------------------------------------------------------------- progress bars
+def test_plain_bars_write_one_final_line(monkeypatch):
+    monkeypatch.setenv(progress.PLAIN_ENV, "1")
+    out = io.StringIO()
+    bar = progress.tqdm(range(50), desc="train", file=out)
+    for i in bar:
+        bar.set_postfix(loss=f"{i:.1f}")
+    assert out.getvalue().count("\n") == 1 and "\r" not in out.getvalue()
+    assert re.match(r"train: 100%\|[█#]+\| 50/50 \[.*loss=49\.0\]\n$", out.getvalue()), out.getvalue()
+    gone = io.StringIO()
+    for _ in progress.tqdm(range(5), desc="x", leave=False, file=gone):
+        pass
+    one = io.StringIO()
+    for _ in progress.tqdm(range(1), desc="one step", file=one):
+        pass
+    assert gone.getvalue() == "" and one.getvalue() == ""
+
+
+def test_live_bars_are_tqdm_auto_and_skip_single_steps(monkeypatch):
+    from tqdm.auto import tqdm as auto
+
+    monkeypatch.delenv(progress.PLAIN_ENV, raising=False)
+    bar = progress.tqdm(total=10, file=io.StringIO())
+    assert isinstance(bar, auto) and not bar.disable
+    bar.close()
+    assert progress.tqdm(total=1, file=io.StringIO()).disable
+    assert progress.tqdm([0], file=io.StringIO()).disable
+
+
+# ----------------------------------------------------------------------------------------------- notebook helpers
+def test_commit_order_figure_agrees_with_the_decoders():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    from diffgr2_lite.ar import ar_decode
+    from diffgr2_lite.diffusion.sampler import diffusion_decode
+    from diffgr2_lite.viz import draw_commit_order, tiny_random_model
+
+    model = tiny_random_model(vocab=40, seed=0)
+    prompt = torch.randint(5, 40, (1, 6), generator=torch.Generator().manual_seed(0))
+    ar = ar_decode(model, prompt, max_new=16, eos_id=-1)
+    fast = diffusion_decode(model, prompt, max_blocks=2, block_size=8, mask_id=4, eos_id=-1, tau=0.0)
+    fig = draw_commit_order({"AR": ar, "fast": fast}, length=16, block_size=8)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles == [f"AR: {ar['forwards']} forwards after the prompt for 16 tokens",
+                      f"fast: {fast.forwards} forwards after the prompt for 16 tokens"]
+    assert ar["forwards"] == 15 and fast.forwards == 2
+    labels = [int(t.get_text()) for t in fig.axes[0].texts]
+    assert labels == list(range(16))
+
+
+def test_findings_are_read_from_records():
+    from diffgr2_lite.viz import run_findings, speed_findings
+
+    assert "No measurements yet" in run_findings({}, "runs/smoke/")
+
+    def rec(stage, r1, valid, **kw):
+        m = {"recall@1": r1, "valid_rate": valid}
+        return {"stage": stage, "profile": "full", "dataset": "d", "n_eval": 9, "device": "GPU", "created": "2026-01-02",
+                "metrics": m, "metrics_strict": {"recall@1": r1 * valid}, **kw}
+
+    rows = [{"decoder": "ar", "batch": 1, "block_size": 1, "tau": None, "tokens_per_s": 100.0, "ms_per_forward": 1.0,
+             "tokens_per_forward": 1.0, "speedup_vs_ar": 1.0, "recall@1": 0.4, "valid_rate": 0.5},
+            {"decoder": "diffusion", "batch": 1, "block_size": 32, "tau": 0.9, "tokens_per_s": 250.0,
+             "ms_per_forward": 1.2, "tokens_per_forward": 3.0, "speedup_vs_ar": 2.5, "recall@1": 0.4,
+             "valid_rate": 1.0}]
+    text = run_findings({"retriever": rec("retriever", 0.3, 1.0), "ar": rec("ar", 0.375, 0.5),
+                         "naive": rec("naive", 0.3, 0.0, tau=1.0), "speed": {"device": "GPU", "rows": rows}})
+    assert "R@1 0.375" in text and "0.300" in text and "naive conversion 0.0%" in text
+    assert "2.50× at τ 0.9" in text and "**is met**" in text and "Not measured yet: teacher" in text
+    rows[1]["valid_rate"] = 0.9
+    assert "**is not met**" in " ".join(speed_findings(rows))
+
+
+def test_scrubber_reads_as_text_where_it_cannot_render():
+    pytest.importorskip("ipywidgets")
+    from diffgr2_lite.viz import denoise_widget
+
+    w = denoise_widget([["<mask>", "<mask>"], ["a", "<mask>"], ["a", "b"]], block_size=2)
+    bundle = w._repr_mimebundle_()
+    assert bundle["text/plain"].startswith("(interactive scrubber") and len(bundle["text/plain"]) <= 110
+    w.children[0].value = 2
+    w.close()
