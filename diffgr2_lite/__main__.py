@@ -4,6 +4,9 @@
     results         copy runs/<profile>/<stage>/metrics.json into results/<profile>/ and regenerate the README table
     download-amazon fetch the canonical Amazon Beauty files (reviews_Beauty_5.json.gz, meta_Beauty.json.gz)
     bench           the AR vs block-diffusion speed benchmark on the profile's checkpoints
+    bench-train     training speed of every stage, before and after train.py (results/<profile>/train_speed.json)
+    train           build the training stages' checkpoints (copy warm-up, AR, CFT, OPD, RL); under
+                    ``accelerate launch --num_processes N`` on N GPUs
 """
 from __future__ import annotations
 
@@ -155,6 +158,16 @@ def main(argv=None) -> int:
     dl.add_argument("--force", action="store_true")
     bn = sub.add_parser("bench", help="speed benchmark (GPU)")
     bn.add_argument("--profile", default=None)
+    sub.add_parser("bench-train", help="training speed of every stage (GPU); options: bench-train --help")
+    tr = sub.add_parser("train", help="train the stages' checkpoints (data parallel under accelerate launch)")
+    tr.add_argument("--profile", default=None)
+    tr.add_argument("--stages", nargs="+", default=["copy_warmup", "ar", "ar_direct", "cft", "opd", "rl"],
+                    help="the stages to build (each also builds what it starts from)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench-train"]:                      # its own options (diffgr2_lite/bench_train.py)
+        from .bench_train import main as bench_train
+
+        return bench_train(argv[1:])
     args = ap.parse_args(argv)
     try:
         if args.verb == "notebooks":
@@ -169,6 +182,10 @@ def main(argv=None) -> int:
             download_amazon_beauty(args.dest, force=args.force)
         elif args.verb == "bench":
             run_notebooks(args.profile or get_profile().name, ["08"])
+        elif args.verb == "train":
+            from .pipeline import train_stages
+
+            train_stages(get_profile(args.profile), args.stages)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -334,6 +334,37 @@ def get_rl(profile: Profile, ex, opd_model, rebuild: bool = False):
     return get_stage_model(profile, ex, "rl", lambda: train_rl_stage(profile, ex, opd_model), rebuild)
 
 
+TRAIN_STAGES = ("copy_warmup", "ar", "ar_direct", "cft", "opd", "rl")
+
+
+def train_stages(profile: Profile, stages=TRAIN_STAGES) -> None:
+    """Load or build the checkpoints of ``stages`` (and of the stages they start from): ``python -m diffgr2_lite
+    train``. Under ``accelerate launch --num_processes N`` every stage trains data-parallel on N processes."""
+    unknown = sorted(set(stages) - set(TRAIN_STAGES))
+    if unknown:
+        raise ValueError(f"unknown training stage(s) {unknown}; valid: {', '.join(TRAIN_STAGES)}")
+    ex = get_examples(profile)
+    done = {}
+
+    def once(name, build):
+        if name not in done:
+            t0 = time.time()
+            done[name] = build()[0]
+            distributed().print(f"{name}: ready ({time.time() - t0:.0f} s)")
+        return done[name]
+
+    builders = {
+        "copy_warmup": lambda: once("copy_warmup", lambda: get_copy_warmup(profile, ex)),
+        "ar": lambda: once("ar", lambda: get_ar(profile, ex, "reasoning")),
+        "ar_direct": lambda: once("ar_direct", lambda: get_ar(profile, ex, "direct")),
+        "cft": lambda: once("cft", lambda: get_cft(profile, ex, builders["ar"]())),
+        "opd": lambda: once("opd", lambda: get_opd(profile, ex, builders["cft"](), builders["ar"]())),
+        "rl": lambda: once("rl", lambda: get_rl(profile, ex, builders["opd"]())),
+    }
+    for stage in stages:
+        builders[stage]()
+
+
 def load_stage_records(profile: Profile) -> dict:
     """Every stage's saved metrics.json of this profile (for the final table)."""
     out = {}
