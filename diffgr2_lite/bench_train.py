@@ -227,7 +227,7 @@ def _row(stage, loop, dev, steps, seconds, flops, tokens, padded, **extra) -> di
 # ----------------------------------------------------------------------------------------------- the benchmark
 def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20, batches=(128, 512, 1024),
         rollout_steps: int = 3, trace: bool = False, out: str | None = None, stages=None,
-        dynamic: bool | None = None) -> dict:
+        dynamic: bool | None = True) -> dict:
     from . import pipeline as pl
     from .ar import sft_terms
     from .batches import DeviceBatches
@@ -263,32 +263,36 @@ def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20,
     data = DeviceBatches(sft_rows, tok, batch_size=P.batch_size, lambda_r=P.lambda_reasoning,
                          lambda_o=P.lambda_answer, buckets=P.length_buckets, seed=P.seed, device=dev)
     sft_steps = dict(steps=steps, device=dev, compile_options={"dynamic": dynamic})
+    # the supervised rows share one model object (its weights keep training; the timing does not care), so a
+    # compiled loss is compiled once, not once per copy of the model
+    flops_check = None
     if "sft" in stages:
-        attempt("sft before", lambda: _legacy(copy.deepcopy(model), sft_rows, tok, P, dims, steps=steps, device=dev,
+        attempt("sft before", lambda: _legacy(model, sft_rows, tok, P, dims, steps=steps, device=dev,
                                               batch_size=P.batch_size))
-        attempt(f"sft eager {P.batch_size}", lambda: _supervised("sft", "after", copy.deepcopy(model), data, sft_terms,
-                                                               "ar", dims, compile=False, **sft_steps))
+        attempt(f"sft eager {P.batch_size}", lambda: _supervised("sft", "after", model, data, sft_terms, "ar", dims,
+                                                               compile=False, **sft_steps))
+        flops_check = _flops_check(model, data, dims, dev)
         if compile_on:
             for b in batches:
-                attempt(f"sft compiled {b}", lambda b=b: _supervised(
-                    "sft", "after", copy.deepcopy(model), data.resized(batch_size=b), sft_terms, "ar", dims,
-                    compile=True, **sft_steps))
+                attempt(f"sft compiled {b}", lambda b=b: _supervised("sft", "after", model, data.resized(batch_size=b),
+                                                                     sft_terms, "ar", dims, compile=True,
+                                                                     **sft_steps))
         if trace:
             try:
-                _trace(copy.deepcopy(model), data.resized(batch_size=max(batches)), sft_terms, compile_on, dev,
-                       Path(out or _default_out(P)).with_name("train_speed_profile.txt"))
+                _trace(model, data.resized(batch_size=max(batches)), sft_terms, compile_on, dev,
+                       Path(out or _default_out(P)).with_name("train_speed_profile.txt"), {"dynamic": dynamic})
             except Exception as exc:
                 errors["trace"] = f"{type(exc).__name__}: {exc}"[:2000]
     if "copy_warmup" in stages:
         task = pl.copy_task(P, ex)
-        attempt("copy_warmup", lambda: _copy_row(copy.deepcopy(model), task, P.copy_batch, dims, compile_on,
+        attempt("copy_warmup", lambda: _copy_row(model, task, P.copy_batch, dims, compile_on,
                                                  steps, dev, {"dynamic": dynamic}))
     if "cft" in stages:
         cft_data = DeviceBatches(ex.splits["train"], tok, batch_size=P.batch_size, lambda_r=P.lambda_reasoning,
                                  lambda_o=P.lambda_answer, buckets=P.length_buckets, seed=P.seed, device=dev,
                                  multiple_of=P.block_size)
         for c in sorted({False, compile_on}):
-            attempt(f"cft compile={c}", lambda c=c: _supervised("cft", "after", copy.deepcopy(model), cft_data,
+            attempt(f"cft compile={c}", lambda c=c: _supervised("cft", "after", model, cft_data,
                                                                 cft_loss_fn(P, ex), "cft", dims, compile=c,
                                                                 **sft_steps))
     if "opd" in stages:
@@ -302,7 +306,7 @@ def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20,
         "versions": {**art.versions(), "accelerate": _version("accelerate")},
         "peak": {**peak, "what": "dense matmul measured in this run (bf16 on CUDA)"},
         "compile_dynamic": dynamic, "model": dims, "flops_formula": "rows * (6 N T + 6 H V C + 12 L H T^2); T = P + C (AR), P + 3C (CFT)",
-        "rows": rows, "errors": errors, "summary": _summary(rows), "seconds": time.perf_counter() - t_start,
+        "rows": rows, "flops_check": flops_check, "errors": errors, "summary": _summary(rows), "seconds": time.perf_counter() - t_start,
     }
     path = Path(out) if out else _default_out(P)
     art.atomic_write_json(path, record)
@@ -393,15 +397,33 @@ def _decoded(ex, P) -> int:
     return default_max_blocks(ex.splits["train"], P.block_size) * P.block_size
 
 
-def _trace(model, data, loss_fn, compile, dev, path: Path) -> None:
+def _flops_check(model, data, dims, dev) -> dict | None:
+    """The formula against ``torch.utils.flop_counter`` on one eager SFT step (matmuls and attention it saw)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .ar import sft_terms
+    from .train import Trainer
+
+    try:
+        trainer = Trainer(model, lr=1e-4, total_steps=10, compile=False, device=dev, progress=False)
+        b = next(iter(data))
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step([b], sft_terms)
+        n, P, C = len(b), b.prompt.shape[1], b.completion.shape[1]
+        return {"shape": [n, P, C], "formula": train_flops(dims, n, P, C), "counted": float(counter.get_total_flops())}
+    except Exception as exc:  # pragma: no cover
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def _trace(model, data, loss_fn, compile, dev, path: Path, compile_options=None) -> None:
     """torch.profiler over 3 SFT steps (after warm-up): the table of the most expensive operators, written to
     ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
     from .train import Trainer
 
-    trainer = Trainer(model, lr=1e-4, total_steps=10 ** 6, compile=compile, log_every=10 ** 9, device=dev,
-                      progress=False)
+    trainer = Trainer(model, lr=1e-4, total_steps=10 ** 6, compile=compile, compile_options=compile_options,
+                      log_every=10 ** 9, device=dev, progress=False)
     it = iter(data)
     for _ in range(3):
         trainer.train_step([next(it)], loss_fn)
@@ -479,8 +501,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", nargs="+", default=None, help="sft copy_warmup cft opd rl (default: all)")
     ap.add_argument("--trace", action="store_true", help="write a torch.profiler table of SFT steps beside the JSON")
     ap.add_argument("--out", default=None, help="default: results/<profile>/train_speed.json")
-    ap.add_argument("--dynamic", choices=("auto", "true", "false"), default="auto",
-                    help="torch.compile's dynamic shapes (auto: static first, dynamic after a shape changes)")
+    ap.add_argument("--dynamic", choices=("auto", "true", "false"), default="true",
+                    help="torch.compile's dynamic shapes (true: the trainer's default, one compilation for every "
+                         "shape; auto: static first, dynamic after a shape changes)")
     a = ap.parse_args(argv)
     run(a.profile, a.dataset, a.steps, tuple(a.batches), a.rollout_steps, a.trace, a.out, a.stages,
         {"auto": None, "true": True, "false": False}[a.dynamic])

@@ -130,7 +130,9 @@ class Trainer:
 
     ``total_steps`` optimizer steps with ``warmup`` warm-up steps (default: 5% of them) and a ``schedule``
     (``cosine`` or ``constant``). ``mixed_precision``: ``auto`` (bf16 on CUDA, none on CPU), ``bf16`` or ``no``.
-    ``compile``: ``auto`` or None (on CUDA only), True or False; ``compile_options`` go to ``torch.compile``.
+    ``compile``: ``auto`` or None (on CUDA only), True or False; ``compile_options`` go to ``torch.compile``
+    (default ``dynamic=True``: one compilation per loss function serves every batch and length shape). Should
+    compiling fail, the trainer warns and trains that loss eagerly.
     ``device``: where to train with one process (several processes each take their own GPU).
     """
 
@@ -156,7 +158,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and cuda)
         self.compile = cuda if compile in (None, "auto") else bool(compile)
-        self.compile_options = compile_options or {}
+        self.compile_options = {"dynamic": True} if compile_options is None else compile_options
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay, fused=cuda)
         self.lr, self.total_steps = lr, max(1, int(total_steps))
         self.warmup = max(1, self.total_steps // 20) if warmup is None else int(warmup)
@@ -164,7 +166,7 @@ class Trainer:
         self.grad_clip, self.grad_accum, self.log_every = grad_clip, grad_accum, log_every
         self.desc, self.progress = desc, progress
         self.steps_done = 0
-        self._compiled = {}
+        self._compiled, self._proven = {}, set()
         self._zero_step()
         self._zero_window()
         self._set_lr()
@@ -204,16 +206,30 @@ class Trainer:
 
     def train_step(self, micro_batches, loss_fn) -> torch.Tensor:
         """One optimizer step of ``fit``: forward and backward of every micro-batch, then :meth:`step`."""
-        fn = self.compiled(loss_fn)
         for batch in micro_batches:
-            with self.autocast():
-                out = fn(self.model, batch)
-            loss, weight, extras = _unpack(out)
-            self.backward(loss, weight)
-            for k, v in extras.items():
-                self._extras[k] = self._extras.get(k, 0.0) + v.detach().float()
-            self._extra_count += 1
+            fn = self.compiled(loss_fn)
+            try:
+                self._forward_backward(fn, batch)
+            except Exception as exc:                    # a compiler failure must not stop a training run
+                if fn is loss_fn or loss_fn in self._proven:
+                    raise
+                import warnings
+
+                warnings.warn(f"torch.compile failed on {getattr(loss_fn, '__name__', loss_fn)} "
+                              f"({type(exc).__name__}: {str(exc)[:300]}); training it eagerly")
+                self._compiled[loss_fn] = loss_fn
+                self._forward_backward(loss_fn, batch)
+            self._proven.add(loss_fn)
         return self.step()
+
+    def _forward_backward(self, fn, batch) -> None:
+        with self.autocast():
+            out = fn(self.model, batch)
+        loss, weight, extras = _unpack(out)
+        self.backward(loss, weight)
+        for k, v in extras.items():
+            self._extras[k] = self._extras.get(k, 0.0) + v.detach().float()
+        self._extra_count += 1
 
     def compiled(self, loss_fn):
         """``loss_fn`` itself, or (with ``compile``) its ``torch.compile``d version, compiled once per function."""

@@ -197,3 +197,23 @@ def test_two_processes_give_the_same_training_as_one(tmp_path):
         np.testing.assert_allclose(r0["losses"], losses, rtol=1e-5)
         for k in weights:
             torch.testing.assert_close(r0["weights"][k], weights[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_compiler_falls_back_to_eager():
+    """torch.compile is an optimisation: if it fails, the trainer warns and trains the same loss eagerly."""
+    from diffgr2_lite.ar import sft_terms
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    hist = {}
+    for compile in (False, True):
+        data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=8, seed=0)
+        trainer = Trainer(tiny_model(init=0.05), lr=1e-3, total_steps=3, log_every=1, device="cpu", progress=False,
+                          compile=compile, compile_options={"backend": broken})
+        if compile:
+            with pytest.warns(UserWarning, match="torch.compile failed"):
+                hist[compile] = trainer.fit(data, sft_terms, keep_best=False)["loss"]
+        else:
+            hist[compile] = trainer.fit(data, sft_terms, keep_best=False)["loss"]
+    assert hist[True] == hist[False]

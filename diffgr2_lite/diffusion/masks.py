@@ -20,7 +20,7 @@ import torch
 
 def block_ids(prompt_len: int, completion_len: int, block_size: int, device=None) -> torch.Tensor:
     pos = torch.arange(prompt_len + completion_len, device=device)
-    comp = prompt_len + (pos - prompt_len).clamp(min=0) // block_size
+    comp = prompt_len + (pos - prompt_len) // block_size                   # (prompt positions: replaced below)
     return torch.where(pos < prompt_len, pos, comp)
 
 

@@ -48,8 +48,8 @@ def noise_blocks(completion: torch.Tensor, block_size: int, mask_id: int, genera
     n, c = completion.shape
     nb = c // block_size
     blocks = completion.view(n, nb, block_size)
-    t = t_min + (1 - t_min) * torch.rand(n, nb, 1, generator=generator, device=completion.device)
-    masked = torch.rand(n, nb, block_size, generator=generator, device=completion.device) < t
+    t = t_min + (1 - t_min) * _rand((n, nb, 1), generator, completion.device)
+    masked = _rand((n, nb, block_size), generator, completion.device) < t
     view_blocks = torch.arange(nb, device=completion.device)
     if complementary:
         masked = torch.cat([masked, ~masked], 1)
@@ -57,6 +57,14 @@ def noise_blocks(completion: torch.Tensor, block_size: int, mask_id: int, genera
         view_blocks = torch.cat([view_blocks, view_blocks])
     views = torch.where(masked, torch.full_like(blocks, mask_id), blocks)
     return views, masked, view_blocks
+
+
+def _rand(shape, generator, device) -> torch.Tensor:
+    """``torch.rand``; without a generator argument when there is none (torch.compile with dynamic shapes refuses
+    an explicit ``generator=None``)."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator, device=device)
 
 
 def diffusion_weights(batch, block_size: int) -> torch.Tensor:
