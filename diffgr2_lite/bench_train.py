@@ -163,8 +163,9 @@ def _supervised(name, loop, model, data, loss_fn, layout, dims, *, steps, compil
     sync(dev)
     s = time.perf_counter() - t0
     return _row(name, loop, dev, steps, s, acc["flops"], float(acc["tokens"]), acc["padded"],
-                batch=data.batch_size, grad_accum=data.grad_accum, compile=trainer.compile, bf16=trainer.bf16,
-                warmup_s=warm_s)
+                batch=data.batch_size, grad_accum=data.grad_accum, compile=trainer.is_compiled(loss_fn),
+                compile_mode=(compile_options or {}).get("mode") if trainer.is_compiled(loss_fn) else None,
+                bf16=trainer.bf16, warmup_s=warm_s)
 
 
 def _legacy(model, rows, tok, P_, dims, *, steps, device, batch_size):
@@ -227,7 +228,7 @@ def _row(stage, loop, dev, steps, seconds, flops, tokens, padded, **extra) -> di
 # ----------------------------------------------------------------------------------------------- the benchmark
 def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20, batches=(128, 512, 1024),
         rollout_steps: int = 3, trace: bool = False, out: str | None = None, stages=None,
-        dynamic: bool | None = True) -> dict:
+        dynamic: bool | None = True, cudagraphs: bool = False) -> dict:
     from . import pipeline as pl
     from .ar import sft_terms
     from .batches import DeviceBatches
@@ -277,6 +278,11 @@ def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20,
                 attempt(f"sft compiled {b}", lambda b=b: _supervised("sft", "after", model, data.resized(batch_size=b),
                                                                      sft_terms, "ar", dims, compile=True,
                                                                      **sft_steps))
+        if compile_on and cudagraphs and dev.type == "cuda":
+            attempt("sft cudagraphs", lambda: _supervised("sft", "after", model, data, sft_terms, "ar", dims,
+                                                          compile=True, steps=steps, device=dev,
+                                                          compile_options={"dynamic": dynamic,
+                                                                           "mode": "reduce-overhead"}))
         if trace:
             try:
                 _trace(model, data.resized(batch_size=max(batches)), sft_terms, compile_on, dev,
@@ -352,7 +358,8 @@ def _copy_row(model, task, batch, dims, compile, steps, dev, compile_options=Non
     sync(dev)
     s = time.perf_counter() - t0
     return _row("copy_warmup", "after", dev, steps, s, steps * train_flops(dims, batch, P, C), steps * batch * (P + C),
-                None, batch=batch, grad_accum=1, compile=trainer.compile, bf16=trainer.bf16, warmup_s=warm_s)
+                None, batch=batch, grad_accum=1, compile=trainer.is_compiled(loss_fn), bf16=trainer.bf16,
+                warmup_s=warm_s)
 
 
 def _opd_fn(P, ex, model, dev):
@@ -463,7 +470,7 @@ def _summary(rows: list[dict]) -> dict:
 def _fmt(r: dict) -> str:
     c = {True: "yes", False: "no"}.get(r.get("compile"), "-")
     return (f"{r['stage']:<12} {r['loop']:<6} batch {r.get('batch', '-'):>5} compile {c:<3} "
-            f"{r['ms_per_step']:9.1f} ms/step {r['tokens_per_s'] / 1e3:10.1f} k tok/s {r['tflops']:7.1f} TFLOP/s "
+            f"{r['ms_per_step']:9.1f} ms/step {r['tokens_per_s'] / 1e3:10.1f} k tok/s {r['tflops']:7.3g} TFLOP/s "
             f"MFU {100 * r.get('mfu', 0):5.1f}%")
 
 
@@ -477,7 +484,7 @@ def table(record: dict) -> str:
         pad = f"{100 * r['padding']:.0f}%" if r.get("padding") is not None else "-"
         warm = f"{r['warmup_s']:.1f}" if r.get("warmup_s") is not None else "-"
         lines.append(f"| {r['stage']} | {r['loop']} | {r.get('batch', '-')} | {r.get('compile', '-')} | "
-                     f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | "
+                     f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.3g} | "
                      f"{100 * r['mfu']:.1f}% | {pad} | {warm} |")
     s = record["summary"]
     if s:
@@ -501,10 +508,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", nargs="+", default=None, help="sft copy_warmup cft opd rl (default: all)")
     ap.add_argument("--trace", action="store_true", help="write a torch.profiler table of SFT steps beside the JSON")
     ap.add_argument("--out", default=None, help="default: results/<profile>/train_speed.json")
+    ap.add_argument("--cudagraphs", action="store_true",
+                    help="also SFT compiled with mode=reduce-overhead (CUDA graphs) at the profile's batch")
     ap.add_argument("--dynamic", choices=("auto", "true", "false"), default="true",
                     help="torch.compile's dynamic shapes (true: the trainer's default, one compilation for every "
                          "shape; auto: static first, dynamic after a shape changes)")
     a = ap.parse_args(argv)
     run(a.profile, a.dataset, a.steps, tuple(a.batches), a.rollout_steps, a.trace, a.out, a.stages,
-        {"auto": None, "true": True, "false": False}[a.dynamic])
+        {"auto": None, "true": True, "false": False}[a.dynamic], a.cudagraphs)
     return 0

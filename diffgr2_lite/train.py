@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 
 import torch
 from tqdm.auto import tqdm
@@ -112,6 +113,9 @@ def process_device(device=None) -> torch.device:
     return torch.device(device)
 
 
+_COMPILED = weakref.WeakKeyDictionary()        # loss function -> {compile options: its compiled version}
+
+
 def _unpack(out):
     """A loss function's result -> (sum, weight, extras). See :meth:`Trainer.fit` for the three accepted forms."""
     extras = {}
@@ -166,7 +170,7 @@ class Trainer:
         self.grad_clip, self.grad_accum, self.log_every = grad_clip, grad_accum, log_every
         self.desc, self.progress = desc, progress
         self.steps_done = 0
-        self._compiled, self._proven = {}, set()
+        self._proven = set()
         self._zero_step()
         self._zero_window()
         self._set_lr()
@@ -217,7 +221,7 @@ class Trainer:
 
                 warnings.warn(f"torch.compile failed on {getattr(loss_fn, '__name__', loss_fn)} "
                               f"({type(exc).__name__}: {str(exc)[:300]}); training it eagerly")
-                self._compiled[loss_fn] = loss_fn
+                _COMPILED[loss_fn][self._options_key()] = loss_fn
                 self._forward_backward(loss_fn, batch)
             self._proven.add(loss_fn)
         return self.step()
@@ -232,12 +236,20 @@ class Trainer:
         self._extra_count += 1
 
     def compiled(self, loss_fn):
-        """``loss_fn`` itself, or (with ``compile``) its ``torch.compile``d version, compiled once per function."""
+        """``loss_fn`` itself, or (with ``compile``) its ``torch.compile``d version. One compiled version per function
+        and options for the whole process, so later trainers (the next stage, another model of the same shape)
+        reuse what an earlier one compiled."""
         if not self.compile:
             return loss_fn
-        if loss_fn not in self._compiled:
-            self._compiled[loss_fn] = torch.compile(loss_fn, **self.compile_options)
-        return self._compiled[loss_fn]
+        versions = _COMPILED.setdefault(loss_fn, {})
+        key = self._options_key()
+        if key not in versions:
+            versions[key] = torch.compile(loss_fn, **self.compile_options)
+        return versions[key]
+
+    def is_compiled(self, loss_fn) -> bool:
+        """Whether ``loss_fn`` runs compiled (False when compiling is off or failed)."""
+        return self.compiled(loss_fn) is not loss_fn
 
     def on_main(self, fn):
         """``fn(model) -> float`` run on process 0 only, its result given to every process (for validation)."""
@@ -322,6 +334,9 @@ class Trainer:
         self._zero_window()
 
     # -- internals -------------------------------------------------------------------------------------------------
+    def _options_key(self) -> str:
+        return repr(sorted(self.compile_options.items(), key=lambda kv: kv[0]))
+
     def _set_lr(self) -> None:
         lr = self.lr * self.schedule(self.steps_done, self.total_steps, self.warmup)
         for g in self.opt.param_groups:

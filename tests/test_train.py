@@ -100,9 +100,13 @@ def test_device_batches_shapes_padding_rows_and_every_row_once():
     assert len(shapes) == 2                                    # one shape per length group
     seen = sorted(r for batch in epoch_rows(data) for r in batch)
     assert seen == sorted(tuple(r["completion_ids"]) for r in rows)
-    # the batches hold what make_batch would build for the same rows
-    ref = make_batch(rows[:3], StubTokenizer(), multiple_of=4)
-    assert ref.weight.dtype == data.groups[0].weight.dtype
+    # each length group holds what make_batch builds for its rows, plus the padding row
+    lengths = [-(-len(r["completion_ids"]) // 4) * 4 for r in rows]
+    for idx, group in zip(length_buckets(lengths, 2), data.groups):
+        ref = make_batch([rows[i] for i in idx], StubTokenizer(), multiple_of=4)
+        for a, b in zip((ref.prompt, ref.completion, ref.weight, ref.is_answer, ref.length),
+                        (group.prompt, group.completion, group.weight, group.is_answer, group.length)):
+            assert torch.equal(a, b[:-1])
 
 
 def test_device_batches_are_deterministic_by_seed_and_reshuffled_each_epoch():
