@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
