@@ -7,6 +7,9 @@
     results         copy runs/<profile>/<stage>/metrics.json into results/<profile>/ and regenerate the README table
     download-amazon fetch the canonical Amazon Beauty files (reviews_Beauty_5.json.gz, meta_Beauty.json.gz)
     bench           the AR vs block-diffusion speed benchmark on the profile's checkpoints
+    bench-train     training speed of every stage, before and after train.py (results/<profile>/train_speed.json)
+    train           build the training stages' checkpoints (copy warm-up, AR, CFT, OPD, RL); under
+                    ``accelerate launch --num_processes N`` on N GPUs
 """
 from __future__ import annotations
 
@@ -187,6 +190,16 @@ def main(argv=None) -> int:
     fz.add_argument("executed_dir", help="a folder of executed NN_*.ipynb, e.g. runs/full/notebooks")
     fz.add_argument("--into", default=str(NOTEBOOK_DIR), help="where to write them (default: notebooks/)")
     sub.add_parser("lab", help="JupyterLab on notebooks/ with the project's save hook; other arguments go to it")
+    sub.add_parser("bench-train", help="training speed of every stage (GPU); options: bench-train --help")
+    tr = sub.add_parser("train", help="train the stages' checkpoints (data parallel under accelerate launch)")
+    tr.add_argument("--profile", default=None)
+    tr.add_argument("--stages", nargs="+", default=["copy_warmup", "ar", "ar_direct", "cft", "opd", "rl"],
+                    help="the stages to build (each also builds what it starts from)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench-train"]:                      # its own options (diffgr2_lite/bench_train.py)
+        from .bench_train import main as bench_train
+
+        return bench_train(argv[1:])
     args, extra = ap.parse_known_args(argv)
     if extra and args.verb != "lab":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -215,6 +228,10 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "jupyter", "lab", *lab_args(), *extra]
             print(" ".join(cmd), flush=True)
             os.execv(sys.executable, cmd)
+        elif args.verb == "train":
+            from .pipeline import train_stages
+
+            train_stages(get_profile(args.profile), args.stages)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

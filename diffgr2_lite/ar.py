@@ -1,22 +1,18 @@
-"""The autoregressive GR2 re-ranker: supervised fine-tuning and batched decoding with a KV cache.
+"""The autoregressive GR2 re-ranker: the supervised fine-tuning objective and batched decoding with a KV cache.
 
-SFT minimises GR2's decoupled loss on the completion only (see :mod:`diffgr2_lite.batches`). Decoding is greedy
-(or sampled) token by token with a KV cache; in *constrained* mode the answer is forced to be a permutation of the
-candidates by masking, at each answer position, every token that would repeat a candidate or leave the candidate set:
-at a label only the labels not yet written, at a SID code only the next code of the labelled candidate
-("left-to-right masking": easy for an AR decoder, which writes the answer in order; a parallel decoder cannot do it).
+SFT minimises GR2's decoupled loss on the completion only (see :mod:`diffgr2_lite.batches`), through the one
+training loop (:func:`diffgr2_lite.train.train_supervised`). Decoding is greedy (or sampled) token by token with a KV
+cache; in *constrained* mode the answer is forced to be a permutation of the candidates by masking, at each answer
+position, every token that would repeat a candidate or leave the candidate set: at a label only the labels not yet
+written, at a SID code only the next code of the labelled candidate ("left-to-right masking": easy for an AR
+decoder, which writes the answer in order; a parallel decoder cannot do it).
 """
 from __future__ import annotations
 
-import math
-import time
-
-import numpy as np
 import torch
 import torch.nn.functional as F
-from .progress import tqdm
 
-from .batches import Batch, iterate_batches
+from .batches import Batch
 from .model import cache_kwargs
 from .text import ANSWER, END_ANSWER
 
@@ -33,101 +29,34 @@ def completion_logits(model, prompt: torch.Tensor, completion: torch.Tensor) -> 
     return model.lm_head(hidden[:, p - 1:p - 1 + completion.shape[1]])
 
 
-def weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i * CE_i / sum_i w_i (tokens with weight 0, e.g. padding, contribute nothing)."""
+def weighted_ce_terms(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i w_i * CE_i, sum_i w_i): the weighted cross-entropy as a sum and its weight (tokens with weight 0, e.g.
+    padding, contribute nothing). The training loop divides by the weight of the whole global batch."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(weight)
-    return (ce * weight).sum() / weight.sum().clamp(min=1e-8)
+    return (ce * weight).sum(), weight.sum()
+
+
+def weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * CE_i / sum_i w_i."""
+    total, w = weighted_ce_terms(logits, targets, weight)
+    return total / w.clamp(min=1e-8)
+
+
+def sft_terms(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """GR2's decoupled SFT loss of a batch as (sum, weight), the form :class:`~diffgr2_lite.train.Trainer` takes."""
+    return weighted_ce_terms(completion_logits(model, batch.prompt, batch.completion), batch.completion, batch.weight)
 
 
 def sft_loss(model, batch: Batch) -> torch.Tensor:
-    return weighted_ce(completion_logits(model, batch.prompt, batch.completion), batch.completion, batch.weight)
-
-
-class BestState:
-    """A copy of the weights with the best validation score so far; ``restore`` puts them back at the end."""
-
-    def __init__(self, ties_to_later: bool = False):
-        self.best, self.state, self.ties_to_later = -float("inf"), None, ties_to_later
-
-    def update(self, model, score: float) -> None:
-        if score > self.best or (self.ties_to_later and score == self.best):
-            self.best = score
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def restore(self, model) -> None:
-        if self.state is not None:
-            model.load_state_dict(self.state)
-
-
-def maybe_validate(validate, model, step: int, total: int, every: int, history: dict, keeper: BestState | None):
-    """Every ``every`` steps and at the last: score the model (in eval mode), record it, let ``keeper`` keep the best."""
-    if validate is None or not (step % every == 0 or step == total):
-        return
-    was_training = model.training
-    model.eval()
-    score = float(validate(model))
-    model.train(was_training)
-    history["val_step"].append(step)
-    history["val"].append(score)
-    if keeper is not None:
-        keeper.update(model, score)
-
-
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    total, w = sft_terms(model, batch)
+    return total / w.clamp(min=1e-8)
 
 
 def autocast(device):
+    """bf16 autocast on CUDA, nothing elsewhere (for decoding; training uses :meth:`train.Trainer.autocast`)."""
     dev = torch.device(device)
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-
-
-def train(model, train_ds, tokenizer, *, loss_fn=sft_loss, epochs: float, lr: float, batch_size: int,
-          lambda_r: float, lambda_o: float, device, seed: int = 0, multiple_of: int = 1,
-          validate=None, validate_every: int | None = None, desc: str = "SFT", weight_decay: float = 0.01) -> dict:
-    """A plain training loop: AdamW, warm-up + cosine schedule, bf16 autocast on GPU, best-validation checkpoint.
-
-    ``loss_fn(model, batch)`` is the objective (AR SFT here, the masked-diffusion loss for CFT). ``validate(model)``
-    returns a score to maximise (validation NDCG@3); the best state is restored at the end.
-    """
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    steps_per_epoch = math.ceil(len(train_ds) / batch_size)
-    total = max(1, int(round(epochs * steps_per_epoch)))
-    warmup = max(1, total // 20)
-    validate_every = validate_every or steps_per_epoch
-    history = {"step": [], "loss": [], "val_step": [], "val": []}
-    keeper, step, t0 = BestState(ties_to_later=True), 0, time.time()   # ties: the longer-trained model
-    bar = tqdm(total=total, desc=desc, mininterval=1)
-    epoch = 0
-    while step < total:
-        for batch in iterate_batches(train_ds, batch_size, shuffle=True, seed=seed + epoch, tokenizer=tokenizer,
-                                     lambda_r=lambda_r, lambda_o=lambda_o, multiple_of=multiple_of):
-            if step >= total:
-                break
-            batch = batch.to(device)
-            for g in opt.param_groups:
-                g["lr"] = lr * cosine_lr(step, total, warmup)
-            with autocast(device):
-                loss = loss_fn(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            history["step"].append(step)
-            history["loss"].append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-            maybe_validate(validate, model, step, total, validate_every, history, keeper)
-        epoch += 1
-    bar.close()
-    keeper.restore(model)
-    model.eval()
-    history.update(best_val=keeper.best, steps=total, seconds=time.time() - t0)
-    return history
 
 
 # ----------------------------------------------------------------------------------------------- decoding

@@ -60,6 +60,11 @@ class Profile:
     lambda_reasoning: float = 0.5     # GR2's decoupled weights: lambda_r < lambda_o
     lambda_answer: float = 1.0
     eval_batch: int = 64
+    # the training engine (train.py): batch_size and copy_batch are one process's micro-batch; a step's global batch
+    # is batch_size x grad_accum x processes rows
+    grad_accum: int = 1
+    length_buckets: int = 2           # completion-length groups of the device batcher (less padding, a few shapes)
+    compile: bool | None = None       # torch.compile the training losses (None: on CUDA, not on CPU)
     # block diffusion
     block_size: int = 32
     cft_epochs: float = 1.0

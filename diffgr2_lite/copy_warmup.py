@@ -25,11 +25,9 @@ A perfect copier still pays for the order: on a fully random row the ``k``-th SI
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
-from .progress import tqdm
 
 from .text import ANSWER, END_ANSWER
 
@@ -73,76 +71,74 @@ def copy_positions(n_candidates: int, sid_len: int, device=None) -> torch.Tensor
     return torch.cat([false, inner, false, false])
 
 
-def copy_accuracy(logits: torch.Tensor, answers: torch.Tensor, sid_len: int) -> tuple[float, float]:
-    """(token accuracy at copy positions, fraction of rows with every copy right), greedy argmax."""
+def copy_stats(logits: torch.Tensor, answers: torch.Tensor, sid_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token accuracy at copy positions, fraction of rows with every copy right) as device scalars, greedy argmax."""
     n = (answers.shape[1] - 3) // sid_len
     where = copy_positions(n, sid_len, answers.device)
-    right = (logits.argmax(-1) == answers)[:, where]
-    return right.float().mean().item(), right.all(1).float().mean().item()
+    right = logits.argmax(-1) == answers
+    acc = (right & where).sum() / (where.sum() * right.shape[0])
+    return acc, (right | ~where).all(1).float().mean()
+
+
+def copy_accuracy(logits: torch.Tensor, answers: torch.Tensor, sid_len: int) -> tuple[float, float]:
+    """:func:`copy_stats` as numbers."""
+    acc, whole = copy_stats(logits, answers, sid_len)
+    return acc.item(), whole.item()
 
 
 class CopyTask:
-    """The copy task as a sampler on the device: ``loss(model, n)`` draws ``n`` prompts and fresh random answers.
+    """The copy task as a sampler on the device: :meth:`batches` draws prompts and fresh random answers.
 
-    It returns the per-token cross-entropy [n, answer_len] with the logits, the answers and which rows are fully
-    random (only those are bounded by :func:`copy_floor`). Nothing here reads a value back to the host, so a training
-    step never waits for the GPU."""
+    A batch is (prompts, answers, fully_random): which rows have fully random orders (only those are bounded by
+    :func:`copy_floor`). Nothing here reads a value back to the host, so a training step never waits for the GPU."""
 
     def __init__(self, prompts: torch.Tensor, cand_ids: torch.Tensor, tokenizer, device, seed: int = 0,
                  structured: float = 0.0):
         self.prompts, self.cand_ids = prompts.to(device), cand_ids.to(device)
         self.structured = structured
-        self.tokenizer, self.device = tokenizer, device
-        self.gen = torch.Generator(device=self.prompts.device).manual_seed(seed)
+        self.tokenizer, self.device, self.seed = tokenizer, device, seed
         self.sid_len = cand_ids.shape[2]
         self.floor = copy_floor(cand_ids.shape[1], cand_ids.shape[1] * self.sid_len + 3)
 
-    def loss(self, model, n: int):
-        from .ar import autocast, completion_logits
+    def batches(self, n: int, rank: int = 0):
+        """Endless batches of ``n`` rows, drawn with a generator seeded ``seed + rank`` (each process its own)."""
+        gen = torch.Generator(device=self.prompts.device).manual_seed(self.seed + rank)
+        while True:
+            idx = torch.randint(len(self.prompts), (n,), generator=gen, device=self.prompts.device)
+            answers, fully_random = random_answers(self.cand_ids[idx], self.tokenizer, gen, self.structured)
+            yield self.prompts[idx], answers, fully_random
 
-        idx = torch.randint(len(self.prompts), (n,), generator=self.gen, device=self.prompts.device)
-        answers, fully_random = random_answers(self.cand_ids[idx], self.tokenizer, self.gen, self.structured)
-        with autocast(self.device):
-            logits = completion_logits(model, self.prompts[idx], answers)
+
+def copy_loss_fn(sid_len: int):
+    """``loss_fn(model, batch)`` of the copy task for :meth:`~diffgr2_lite.train.Trainer.fit`: the mean answer-token
+    cross-entropy, with the loss of the fully random rows and the copy accuracies to log."""
+    from .ar import completion_logits
+
+    def loss_fn(model, batch):
+        prompts, answers, fully_random = batch
+        logits = completion_logits(model, prompts, answers)
         ce = F.cross_entropy(logits.float().flatten(0, 1), answers.flatten(), reduction="none").view_as(answers)
-        return ce, logits, answers, fully_random
+        acc, whole = copy_stats(logits.detach(), answers, sid_len)
+        rand = fully_random.float()[:, None]
+        random_order = (ce.detach() * rand).sum() / (rand.sum() * ce.shape[1])          # nan when no row is random
+        return {"loss": ce.mean(), "random_order_loss": random_order, "copy_acc": acc, "all_copied": whole}
+
+    return loss_fn
 
 
 def train_copy(model, task: CopyTask, *, steps: int, batch_size: int, lr: float, log_every: int = 50,
-               desc: str = "SID copy warm-up") -> dict:
-    """AdamW with warm-up + cosine decay on the copy task.
+               desc: str = "SID copy warm-up", compile="auto") -> dict:
+    """AdamW with warm-up + cosine decay on the copy task, through the one training loop (:mod:`diffgr2_lite.train`).
 
-    Returns the loss and copy accuracy every ``log_every`` steps and the floor a perfect copier would reach.
+    Returns, every ``log_every`` steps, the mean loss, the loss of the fully random rows and the copy accuracies, and
+    the floor a perfect copier would reach. ``batch_size`` rows per process and step.
     """
-    from .ar import cosine_lr
+    from .train import Trainer
 
-    model.to(task.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    hist = {"step": [], "loss": [], "random_order_loss": [], "copy_acc": [], "all_copied": [], "floor": task.floor}
-    t0 = time.time()
-    bar = tqdm(range(1, steps + 1), desc=desc, mininterval=1)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr * cosine_lr(step - 1, steps, warmup)
-        ce, logits, answers, fully_random = task.loss(model, batch_size)
-        loss = ce.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % log_every == 0 or step == steps:
-            acc, whole = copy_accuracy(logits.detach(), answers, task.sid_len)
-            random_loss = ce.detach()[fully_random].mean().item() if bool(fully_random.any()) else float("nan")
-            hist["step"].append(step)
-            hist["loss"].append(loss.item())
-            hist["random_order_loss"].append(random_loss)
-            hist["copy_acc"].append(acc)
-            hist["all_copied"].append(whole)
-            bar.set_postfix(loss=f"{loss.item():.3f}", random_order=f"{random_loss:.3f}",
-                            floor=f"{task.floor:.3f}", copy_acc=f"{acc:.3f}")
-    model.eval()
-    hist["seconds"] = time.time() - t0
+    trainer = Trainer(model, lr=lr, total_steps=steps, weight_decay=0.01, log_every=log_every, device=task.device,
+                      compile=compile, desc=desc)
+    hist = trainer.fit(task.batches(batch_size, trainer.rank), copy_loss_fn(task.sid_len), keep_best=False)
+    hist["floor"] = task.floor
     return hist
 
 

@@ -73,6 +73,59 @@ def per_example_array(scored: dict, key: str) -> np.ndarray:
     return scored["_per"][key]
 
 
+# ----------------------------------------------------------------------------------------------- evaluation cache
+def model_fingerprint(model) -> str:
+    """A cheap identity of a model's weights (so a cached evaluation is never reused for other weights)."""
+    import hashlib
+    import json
+
+    with torch.no_grad():
+        vals = [float(p.float().sum()) for p in list(model.parameters())[-3:]]
+    return hashlib.sha256(json.dumps([round(v, 4) for v in vals]).encode()).hexdigest()[:12]
+
+
+def _scored_to_json(scored: dict) -> dict:
+    from dataclasses import asdict
+
+    out = {k: v for k, v in scored.items() if k not in ("_per", "parses")}
+    out["_per"] = {k: np.asarray(v).tolist() for k, v in scored["_per"].items()}
+    out["parses"] = [asdict(p) for p in scored["parses"]]
+    return out
+
+
+def _scored_from_json(d: dict) -> dict:
+    from .text import ParsedRanking
+
+    d = dict(d)
+    d["_per"] = {k: np.asarray(v) for k, v in d["_per"].items()}
+    d["parses"] = [ParsedRanking(**p) for p in d["parses"]]
+    return d
+
+
+def cached_evaluation(path, settings: dict, model, run) -> tuple[dict, float]:
+    """``run()``'s scored result, saved at ``path`` once per (settings, weights): later notebooks reuse the saved
+    per-user results. ``settings`` must name everything else the result depends on (decoder settings, data key).
+    Returns (scored, seconds of the evaluation that produced it)."""
+    import hashlib
+    import json
+
+    from . import artifacts as art
+
+    key = hashlib.sha256(json.dumps({**settings, "model": model_fingerprint(model)}, sort_keys=True,
+                                    default=str).encode()).hexdigest()[:12]
+    if path.exists():
+        try:
+            saved = art.read_json(path)
+            if saved.get("key") == key:
+                return _scored_from_json(saved["scored"]), saved["seconds"]
+        except (ValueError, KeyError, TypeError):
+            pass
+    with art.Timer() as t:
+        scored = run()
+    art.atomic_write_json(path, {"key": key, "seconds": t.s, "scored": _scored_to_json(scored)})
+    return scored, t.s
+
+
 @torch.no_grad()
 def first_pick_probe(model, ds, tokenizer, device, n_candidates: int = 10, batch_size: int = 256) -> dict:
     """Which candidate does the model pick first, given the teacher's trace up to its first ``pick``?

@@ -27,11 +27,13 @@ module), kept as an ablation.
 ``<eos>`` too. So positions after the first ``<eos>`` in the ending block get the target "one-hot ``<eos>``"
 (``fill="eos"``: a cross-entropy term, identical for both divergences) or are skipped (``fill="skip"``).
 
-Training: AdamW at a constant learning rate (the paper's choice), gradient clipping at 1.0, bf16 autocast on CUDA
-(rollouts too: the policy being distilled is the bf16 model that generated them). The model stays in eval mode for the
-update: the replayed likelihood must be the decoder's, and any dropout would break that (the Llama used here has none).
-Rollouts are split into micro-batches whose losses are normalised by the token count of the whole step, so the
-gradient is exactly that of the step average whatever the micro-batch size.
+Training: the one loop's primitives (:class:`~diffgr2_lite.train.Trainer`): AdamW at a constant learning rate (the
+paper's choice), gradient clipping at 1.0, bf16 autocast on CUDA (rollouts too: the policy being distilled is the bf16
+model that generated them). The model stays in eval mode for the update: the replayed likelihood must be the
+decoder's, and any dropout would break that (the Llama used here has none). Rollouts are split into micro-batches
+whose summed losses the trainer divides by the position count of the whole step (of every process), so the gradient
+is exactly that of the step average whatever the micro-batch size. With several processes each samples its own
+``prompts`` prompts (seeded ``seed + rank``).
 """
 from __future__ import annotations
 
@@ -42,10 +44,11 @@ import numpy as np
 import torch
 from .progress import tqdm
 
-from .ar import BestState, autocast, completion_logits, max_completion_len, maybe_validate
+from .ar import autocast, completion_logits, max_completion_len
 from .diffusion.replay import first_eos, masked_hidden, replay_hidden, select_rows, valid_positions
 from .diffusion.sampler import DecodeResult, diffusion_decode
 from .text import decode_tokens, parse_ranking
+from .train import BestState, Trainer, maybe_validate
 
 DIVERGENCES = ("forward", "reverse")
 STUDENT_VIEWS = ("replay", "masked")
@@ -183,52 +186,48 @@ def train_opd(student, teacher, train_ds, example_set, *, steps: int, prompts: i
     """
     tok = example_set.tokenizer
     mask_id, eos_id = tok.mask_token_id, tok.eos_token_id
-    student.to(device)
+    trainer = Trainer(student, lr=lr, total_steps=steps, warmup=0, schedule="constant", weight_decay=weight_decay,
+                      compile=False, device=device, desc=desc)
+    device = trainer.device
     teacher.to(device).eval()
     max_blocks = max_blocks or default_max_blocks(train_ds, block_size)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    rng = np.random.default_rng(seed)
-    gen = device_generator(device, seed)
+    rng = np.random.default_rng(seed + trainer.rank)
+    gen = device_generator(device, seed + trainer.rank)
     validate_every = validate_every or max(1, steps)
+    validate = trainer.on_main(validate)
     history = {"step": [], "kl": [], "fill_ce": [], "loss": [], "valid": [], "tokens_per_forward": [],
                "val_step": [], "val": []}
     keeper, t0 = BestState(), time.time()
     n_rows = len(train_ds)
-    bar = tqdm(range(1, steps + 1), desc=desc, mininterval=1)
+    bar = tqdm(range(1, steps + 1), desc=desc, mininterval=1, disable=not trainer.is_main)
     for step in bar:
         rows = _rows(train_ds, rng.choice(n_rows, size=min(prompts, n_rows), replace=False))
         prompt, res = sample_rollouts(student, rows, rollouts, block_size=block_size, max_blocks=max_blocks,
                                       mask_id=mask_id, eos_id=eos_id, tau=tau, temperature=temperature,
                                       device=device, generator=gen)
         parses = parse_rollouts(res.tokens, rows, rollouts, example_set)
-        t_pos, f_pos = loss_positions(res, eos_id)
-        total = int(t_pos.sum()) + (int(f_pos.sum()) if fill == "eos" else 0)
         student.eval()                                  # see the module docstring: the replayed policy has no dropout
-        opt.zero_grad(set_to_none=True)
         kl_sum = fill_sum = 0.0
         n_kl = n_fill = 0
-        loss_sum = 0.0
         n = prompt.shape[0]
         for s in range(0, n, micro_batch):
             sl = slice(s, min(n, s + micro_batch))
-            with autocast(device):
+            with trainer.autocast():
                 loss, st = opd_loss(student, teacher, prompt[sl], select_rows(res, sl), block_size, mask_id,
-                                    divergence, student_view, eos_id=eos_id, fill=fill, normalizer=max(1, total),
+                                    divergence, student_view, eos_id=eos_id, fill=fill, normalizer=1.0,
                                     max_views_per_chunk=max_views_per_chunk)
-            loss.backward()
-            loss_sum += float(loss.detach())
+            trainer.backward(loss, weight=st["n_kl"] + st["n_fill"])          # a sum over these positions
             kl_sum += st["kl_sum"]
             fill_sum += st["fill_sum"]
             n_kl += st["n_kl"]
             n_fill += st["n_fill"]
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        loss = trainer.step()
         valid_rate = float(np.mean([p.valid for p in parses])) if parses else 0.0
         commits = int(valid_positions(res.steps, block_size).sum())
         history["step"].append(step)
         history["kl"].append(kl_sum / max(1, n_kl))
         history["fill_ce"].append(fill_sum / max(1, n_fill))
-        history["loss"].append(loss_sum)
+        history["loss"].append(float(loss))
         history["valid"].append(valid_rate)
         history["tokens_per_forward"].append(commits / max(1, int(res.steps.sum())))
         bar.set_postfix(kl=f"{history['kl'][-1]:.4f}", valid=f"{valid_rate:.2f}")
@@ -236,5 +235,6 @@ def train_opd(student, teacher, train_ds, example_set, *, steps: int, prompts: i
     bar.close()
     keeper.restore(student)
     student.eval()
-    history.update(seconds=time.time() - t0, steps=steps, best_val=max(history["val"]) if history["val"] else None)
+    history.update(seconds=time.time() - t0, steps=steps, best_val=max(history["val"]) if history["val"] else None,
+                   processes=trainer.world)
     return history

@@ -3,25 +3,32 @@
 Every notebook starts with one of these calls, so it runs on its own: notebook 05 on a fresh clone trains the AR
 model (stage 02) first, and on a machine that already ran 02 it just loads the checkpoint. Builders are
 deterministic by the profile's seed. A stale artifact (built with other profile settings) is rebuilt, not trusted.
+
+The builders are the stages' own modules (``ar`` through :func:`train_ar`, ``cft``, ``opd``, ``rl``; all train through
+``train.py``); this module decides whether to call them. Started on several processes (``accelerate launch``), the
+data is built by process 0 first, every process trains, and process 0 alone writes the checkpoint.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import artifacts as art
-from .ar import AnswerConstraint, ar_decode, candidate_token_ids, max_completion_len, train
+from .ar import candidate_token_ids, max_completion_len, sft_terms
 from .batches import tokenize_split
+# re-exported (notebooks call them as pl.*): train_cft, continue_cft (05, 06), ar_max_new (08), model_fingerprint
+from .cft import continue_cft, train_cft  # noqa: F401
 from .config import Profile
 from .copy_warmup import CopyTask, train_copy
-from .evaluate import bootstrap_vs, evaluate, fixed_rankings
+from .decoders import ar_decoder, ar_max_new, diffusion_decoder, diffusion_validate, validation_score
+from .evaluate import bootstrap_vs, cached_evaluation, evaluate, fixed_rankings, model_fingerprint  # noqa: F401
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
+from .train import distributed, process_device, train_supervised
 
 STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained",
           "cft", "opd", "rl", "speed")
@@ -57,6 +64,11 @@ def load_dataset(profile: Profile):
 
 def get_examples(profile: Profile, rebuild: bool = False, progress: bool = True):
     """The ExampleSet of the profile (tokenised splits, tokenizer, SIDs, report), cached in ``runs/<p>/data``."""
+    with distributed().main_process_first():                  # several processes: process 0 builds, the others load
+        return _get_examples(profile, rebuild, progress)
+
+
+def _get_examples(profile: Profile, rebuild: bool = False, progress: bool = True):
     from datasets import load_from_disk
 
     from .data.examples import ExampleSet, build_examples
@@ -115,82 +127,20 @@ def record_fixed(profile: Profile, ex, stage: str, column: str | None, reference
     return {"record": rec, "scored": scored}
 
 
-# ----------------------------------------------------------------------------------------------- evaluation cache
-def model_fingerprint(model) -> str:
-    """A cheap identity of a model's weights (so a cached evaluation is never reused for other weights)."""
-    with torch.no_grad():
-        vals = [float(p.float().sum()) for p in list(model.parameters())[-3:]]
-    return hashlib.sha256(json.dumps([round(v, 4) for v in vals]).encode()).hexdigest()[:12]
-
-
-def _scored_to_json(scored: dict) -> dict:
-    from dataclasses import asdict
-
-    out = {k: v for k, v in scored.items() if k not in ("_per", "parses")}
-    out["_per"] = {k: np.asarray(v).tolist() for k, v in scored["_per"].items()}
-    out["parses"] = [asdict(p) for p in scored["parses"]]
-    return out
-
-
-def _scored_from_json(d: dict) -> dict:
-    from .text import ParsedRanking
-
-    d = dict(d)
-    d["_per"] = {k: np.asarray(v) for k, v in d["_per"].items()}
-    d["parses"] = [ParsedRanking(**p) for p in d["parses"]]
-    return d
-
-
-def cached_evaluation(profile: Profile, stage: str, model, settings: dict, run):
-    """Evaluate once per (stage, settings, weights): later notebooks reuse the saved per-user results."""
-    key = hashlib.sha256(json.dumps({**settings, "model": model_fingerprint(model), "data": profile_hash(
-        profile, *DATA_FIELDS)}, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = art.stage_dir(profile, stage) / "scored.json"
-    if path.exists():
-        try:
-            saved = art.read_json(path)
-            if saved.get("key") == key:
-                return _scored_from_json(saved["scored"]), saved["seconds"]
-        except (ValueError, KeyError, TypeError):
-            pass
-    with art.Timer() as t:
-        scored = run()
-    art.atomic_write_json(path, {"key": key, "seconds": t.s, "scored": _scored_to_json(scored)})
-    return scored, t.s
+def _cached(profile: Profile, stage: str, model, settings: dict, run):
+    """Evaluate once per (stage, settings, weights, data): later notebooks reuse the saved per-user results."""
+    return cached_evaluation(art.stage_dir(profile, stage) / "scored.json",
+                             {**settings, "data": profile_hash(profile, *DATA_FIELDS)}, model, run)
 
 
 # ----------------------------------------------------------------------------------------------- AR
-def ar_max_new(ex) -> int:
-    return max_completion_len(ex.splits["train"]) + 8
-
-
-def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: float = 0.0):
-    tok = ex.tokenizer
-
-    def decode(rows, prompt):
-        cons = AnswerConstraint(candidate_token_ids(rows, ex, tok, device), tok, max_new) if constrained else None
-        return ar_decode(model, prompt, max_new, tok.eos_token_id, cons, temperature)
-
-    return decode
-
-
-def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") -> float:
-    """Strict validation NDCG@3 (an invalid output counts as a miss).
-
-    Model selection uses the strict score: under the paper's fallback every all-invalid checkpoint scores exactly the
-    retriever floor, so early checkpoints that cannot yet write a ranking would tie with good ones.
-    """
-    valid = ex.splits["valid"].select(range(min(n, len(ex.splits["valid"]))))
-    return evaluate(decode, valid, ex, profile.eval_batch, profile.device, desc="validating")["metrics_strict"][metric]
-
-
 def copy_task(profile: Profile, ex) -> CopyTask:
     """The SID copy task over the training prompts (see :mod:`diffgr2_lite.copy_warmup`)."""
     rows = [r for s in ("train", "reading")
             for r in ex.splits[s].select_columns(["prompt_ids", "candidates"]).to_list()]
     return CopyTask(torch.tensor([r["prompt_ids"] for r in rows], dtype=torch.long),
-                    candidate_token_ids(rows, ex, ex.tokenizer, "cpu"), ex.tokenizer, profile.device, seed=profile.seed,
-                    structured=profile.copy_structured)
+                    candidate_token_ids(rows, ex, ex.tokenizer, "cpu"), ex.tokenizer, process_device(profile.device),
+                    seed=profile.seed, structured=profile.copy_structured)
 
 
 def new_model(profile: Profile, ex):
@@ -202,12 +152,17 @@ def new_model(profile: Profile, ex):
 COPY_WARMUP_FIELDS = DATA_FIELDS + ("device", "model", "copy_steps", "copy_batch", "copy_lr", "copy_structured")
 
 
+def _engine(profile: Profile) -> dict:
+    """The training-engine settings of the profile (see :mod:`diffgr2_lite.train`)."""
+    return dict(grad_accum=profile.grad_accum, buckets=profile.length_buckets, compile=profile.compile)
+
+
 def get_copy_warmup(profile: Profile, ex, rebuild: bool = False):
     """The copy-warmed model both AR variants start from (trained once, then loaded). Returns (model, history)."""
     def build():
         model = new_model(profile, ex)
         return model, train_copy(model, copy_task(profile, ex), steps=profile.copy_steps,
-                                 batch_size=profile.copy_batch, lr=profile.copy_lr)
+                                 batch_size=profile.copy_batch, lr=profile.copy_lr, compile=profile.compile)
 
     return get_stage_model(profile, ex, "copy_warmup", build, rebuild, key_fields=COPY_WARMUP_FIELDS)
 
@@ -241,10 +196,12 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     max_new = max_completion_len(train_ds) + 8
     cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, batch_size=profile.batch_size,
                lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer)
+    cfg.update(_engine(profile))
     cfg.update(overrides)
-    hist = train(model, train_ds, tok, device=profile.device, seed=profile.seed, desc=f"AR SFT ({variant})",
-                 validate=lambda m: validation_score(ar_decoder(m, ex, max_new, False, profile.device), ex, profile),
-                 **cfg)
+    hist = train_supervised(model, train_ds, tok, loss_fn=sft_terms, device=profile.device, seed=profile.seed,
+                            desc=f"AR SFT ({variant})", **cfg,
+                            validate=lambda m: validation_score(ar_decoder(m, ex, max_new, False, profile.device),
+                                                                ex, profile))
     hist["parameters"] = n_parameters(model)
     hist["max_new"] = max_new
     if warm is not None:
@@ -267,7 +224,7 @@ def evaluate_ar(profile: Profile, model, ex, stage: str, constrained: bool = Fal
                         profile.eval_batch, profile.device, desc=f"decoding {stage}")
 
     if split == "test":
-        scored, seconds = cached_evaluation(profile, stage, model, {"constrained": constrained, "max_new": max_new}, run)
+        scored, seconds = _cached(profile, stage, model, {"constrained": constrained, "max_new": max_new}, run)
     else:
         with art.Timer() as t:
             scored = run()
@@ -281,31 +238,6 @@ def evaluate_ar(profile: Profile, model, ex, stage: str, constrained: bool = Fal
 
 
 # ----------------------------------------------------------------------------------------------- diffusion
-def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | None = None, temperature: float = 0.0,
-                      assign: bool = False):
-    from .diffusion.sampler import diffusion_decode
-
-    tok = ex.tokenizer
-    B = block_size or profile.block_size
-    max_blocks = -(-ar_max_new(ex) // B)
-
-    def decode(rows, prompt):
-        res = diffusion_decode(model, prompt, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau,
-                               temperature=temperature)
-        out = res.as_dict()
-        if assign:
-            from .diffusion.assignment import assign_answer
-
-            from .text import label_token
-
-            labels = tok.convert_tokens_to_ids([label_token(k) for k in range(len(rows[0]["candidates"]))])
-            out["tokens"] = assign_answer(model, prompt, res.tokens, candidate_token_ids(rows, ex, tok, prompt.device),
-                                          B, tok.mask_token_id, tok.convert_tokens_to_ids("<answer>"), labels)
-        return out
-
-    return decode
-
-
 def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0, block_size: int | None = None,
                        reference: dict | None = None, split: str = "test", assign: bool = False, write: bool = True,
                        n: int | None = None) -> dict:
@@ -318,7 +250,7 @@ def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0
                         profile.device, desc=f"decoding {stage} (B={B}, tau={tau})")
 
     if write and split == "test" and n is None:
-        scored, seconds = cached_evaluation(profile, stage, model, {"tau": tau, "B": B, "assign": assign}, run)
+        scored, seconds = _cached(profile, stage, model, {"tau": tau, "B": B, "assign": assign}, run)
     else:
         with art.Timer() as t:
             scored = run()
@@ -330,44 +262,6 @@ def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0
     if write and split == "test" and n is None:
         write_stage(profile, stage, rec)
     return {"record": rec, "scored": scored}
-
-
-def cft_loss_fn(profile: Profile, ex, answer_mask_prob: float = 0.0, complementary: bool = True):
-    """The CFT objective as a ``loss_fn(model, batch)`` for :func:`ar.train` (optionally answer-aware)."""
-    from .diffusion.objective import masked_diffusion_loss
-
-    mask_id = ex.tokenizer.mask_token_id
-
-    def loss_fn(model, batch):
-        extra = None
-        if answer_mask_prob > 0:
-            rows = torch.rand(batch.completion.shape[0], device=batch.completion.device) < answer_mask_prob
-            extra = batch.is_answer & rows[:, None]
-        return masked_diffusion_loss(model, batch, profile.block_size, mask_id, complementary=complementary,
-                                     extra_mask=extra)
-
-    return loss_fn
-
-
-def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: float | None = None, **kw):
-    """Conversion fine-tuning from a copy of the AR weights. ``variant``: cft | plain | answer_aware."""
-    import copy
-
-    settings = {"cft": dict(answer_mask_prob=0.0, complementary=True, lambda_r=profile.lambda_reasoning),
-                "plain": dict(answer_mask_prob=0.0, complementary=False, lambda_r=profile.lambda_answer),
-                "answer_aware": dict(answer_mask_prob=0.3, complementary=True, lambda_r=profile.lambda_reasoning)}
-    if variant not in settings:
-        raise ValueError(f"unknown CFT variant {variant!r}; valid: {', '.join(settings)}")
-    s = settings[variant]
-    model = copy.deepcopy(ar_model).to(profile.device)
-    val_n = 128
-    hist = train(model, ex.splits["train"], ex.tokenizer,
-                 loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
-                 epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr), batch_size=profile.batch_size,
-                 lambda_r=s["lambda_r"], lambda_o=profile.lambda_answer, device=profile.device, seed=profile.seed,
-                 multiple_of=profile.block_size, desc=f"CFT ({variant})",
-                 validate=lambda m: validation_score(diffusion_decoder(m, ex, profile, 1.0), ex, profile, n=val_n))
-    return model, hist
 
 
 def get_stage_model(profile: Profile, ex, stage: str, build, rebuild: bool = False, key_fields: tuple[str, ...] = ()):
@@ -386,7 +280,10 @@ def get_stage_model(profile: Profile, ex, stage: str, build, rebuild: bool = Fal
         except CheckpointError as exc:
             print(f"rebuilding {stage}: {exc}")
     model, hist = build()
-    save_checkpoint(model, ex.tokenizer, d / "model", {"key": key, "history": hist, "stage": stage})
+    state = distributed()
+    if state.is_main_process:                                   # several processes hold the same weights: one writes
+        save_checkpoint(model, ex.tokenizer, d / "model", {"key": key, "history": hist, "stage": stage})
+    state.wait_for_everyone()
     return model, hist
 
 
@@ -397,24 +294,6 @@ def get_cft(profile: Profile, ex, ar_model, rebuild: bool = False):
 def reference_scored(profile: Profile, model, ex) -> dict:
     """The AR model's free decoding on the test split (the reference of every paired interval)."""
     return evaluate_ar(profile, model, ex, "ar")["scored"]
-
-
-def diffusion_validate(profile: Profile, ex, n: int = 128, tau: float = 1.0):
-    """Strict validation NDCG@3 of a block-diffusion model decoded with the plain sampler."""
-    return lambda m: validation_score(diffusion_decoder(m, ex, profile, tau), ex, profile, n=n)
-
-
-def continue_cft(profile: Profile, ex, model, steps: int, desc: str = "CFT (continued, off-policy control)"):
-    """More CFT steps on the fixed teacher trajectories: the off-policy control OPD is compared with."""
-    import copy
-
-    model = copy.deepcopy(model)
-    epochs = steps * profile.batch_size / len(ex.splits["train"])
-    hist = train(model, ex.splits["train"], ex.tokenizer, loss_fn=cft_loss_fn(profile, ex), epochs=epochs,
-                 lr=profile.opd_lr, batch_size=profile.batch_size, lambda_r=profile.lambda_reasoning,
-                 lambda_o=profile.lambda_answer, device=profile.device, seed=profile.seed + 7,
-                 multiple_of=profile.block_size, desc=desc)
-    return model, hist
 
 
 def train_opd_stage(profile: Profile, ex, student, teacher, steps: int | None = None, **kw):
@@ -453,6 +332,37 @@ def train_rl_stage(profile: Profile, ex, policy, steps: int | None = None, condi
 
 def get_rl(profile: Profile, ex, opd_model, rebuild: bool = False):
     return get_stage_model(profile, ex, "rl", lambda: train_rl_stage(profile, ex, opd_model), rebuild)
+
+
+TRAIN_STAGES = ("copy_warmup", "ar", "ar_direct", "cft", "opd", "rl")
+
+
+def train_stages(profile: Profile, stages=TRAIN_STAGES) -> None:
+    """Load or build the checkpoints of ``stages`` (and of the stages they start from): ``python -m diffgr2_lite
+    train``. Under ``accelerate launch --num_processes N`` every stage trains data-parallel on N processes."""
+    unknown = sorted(set(stages) - set(TRAIN_STAGES))
+    if unknown:
+        raise ValueError(f"unknown training stage(s) {unknown}; valid: {', '.join(TRAIN_STAGES)}")
+    ex = get_examples(profile)
+    done = {}
+
+    def once(name, build):
+        if name not in done:
+            t0 = time.time()
+            done[name] = build()[0]
+            distributed().print(f"{name}: ready ({time.time() - t0:.0f} s)")
+        return done[name]
+
+    builders = {
+        "copy_warmup": lambda: once("copy_warmup", lambda: get_copy_warmup(profile, ex)),
+        "ar": lambda: once("ar", lambda: get_ar(profile, ex, "reasoning")),
+        "ar_direct": lambda: once("ar_direct", lambda: get_ar(profile, ex, "direct")),
+        "cft": lambda: once("cft", lambda: get_cft(profile, ex, builders["ar"]())),
+        "opd": lambda: once("opd", lambda: get_opd(profile, ex, builders["cft"](), builders["ar"]())),
+        "rl": lambda: once("rl", lambda: get_rl(profile, ex, builders["opd"]())),
+    }
+    for stage in stages:
+        builders[stage]()
 
 
 def load_stage_records(profile: Profile) -> dict:

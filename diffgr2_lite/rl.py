@@ -27,6 +27,10 @@ first inner epoch; ``inner_epochs`` > 1 reuses the rollouts). No KL penalty and 
 Tokens are every committed position of the blocks the decoder ran, including the ``<eos>`` fill of the ending block:
 they were committed by the policy and shaped the canvases of the others. Log-probabilities use the decoder's
 sampling temperature.
+
+The update uses the one training loop's primitives (:class:`~diffgr2_lite.train.Trainer`: AdamW at a constant rate,
+clipping at 1.0, bf16 autocast on CUDA); the token sum of each micro-batch is divided by the token count of the whole
+step (of every process). With several processes each samples its own ``prompts`` prompts (seeded ``seed + rank``).
 """
 from __future__ import annotations
 
@@ -37,10 +41,11 @@ import numpy as np
 import torch
 from .progress import tqdm
 
-from .ar import BestState, autocast, maybe_validate
+from .ar import autocast
 from .diffusion.replay import first_eos, replay_logprobs, select_rows, valid_positions
 from .opd import _rows, default_max_blocks, device_generator, parse_rollouts, sample_rollouts
 from .text import ParsedRanking
+from .train import BestState, Trainer, maybe_validate
 
 
 # ----------------------------------------------------------------------------------------------- reward
@@ -115,17 +120,19 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
     mask_id, eos_id = tok.mask_token_id, tok.eos_token_id
     reward_fn = reward_fn or default_reward_fn(format_weight, conditional)
     clip_high = clip if clip_high is None else clip_high
-    policy.to(device)
+    trainer = Trainer(policy, lr=lr, total_steps=steps * inner_epochs, warmup=0, schedule="constant",
+                      weight_decay=weight_decay, compile=False, device=device, desc=desc)
+    device = trainer.device
     max_blocks = max_blocks or default_max_blocks(train_ds, block_size)
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    rng = np.random.default_rng(seed)
-    gen = device_generator(device, seed)
+    rng = np.random.default_rng(seed + trainer.rank)
+    gen = device_generator(device, seed + trainer.rank)
     validate_every = validate_every or max(1, steps)
+    validate = trainer.on_main(validate)
     history = {"step": [], "reward": [], "valid": [], "copy": [], "kept": [], "loss": [], "clip_frac": [],
                "val_step": [], "val": []}
     keeper, t0 = BestState(), time.time()
     n_rows = len(train_ds)
-    bar = tqdm(range(1, steps + 1), desc=desc, mininterval=1)
+    bar = tqdm(range(1, steps + 1), desc=desc, mininterval=1, disable=not trainer.is_main)
     for step in bar:
         rows = _rows(train_ds, rng.choice(n_rows, size=min(prompts, n_rows), replace=False))
         prompt, res = sample_rollouts(policy, rows, group, block_size=block_size, max_blocks=max_blocks,
@@ -142,7 +149,7 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
         n_tok = int(valid[keep_rows].sum())
         loss_sum, clipped = 0.0, 0
         policy.eval()                                     # replay must be the decoder's likelihood (no dropout)
-        if n_tok > 0:
+        if trainer.all_sum(n_tok) > 0:                    # every process takes the same decision
             chunks = [keep_rows[s:s + micro_batch] for s in range(0, len(keep_rows), micro_batch)]
             old = []
             with torch.no_grad(), autocast(device):       # pi_old: the weights that generated the rollouts
@@ -151,20 +158,16 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
                     old.append(replay_logprobs(policy, prompt[idx], r.tokens, r.commit_step, r.steps, block_size,
                                                mask_id, max_views_per_chunk, temperature)[0])
             for _ in range(inner_epochs):
-                opt.zero_grad(set_to_none=True)
-                loss_sum, clipped = 0.0, 0
+                clipped = 0
                 for idx, lp_old in zip(chunks, old):
                     r = select_rows(res, idx)
-                    with autocast(device):
+                    with trainer.autocast():
                         lp, v = replay_logprobs(policy, prompt[idx], r.tokens, r.commit_step, r.steps, block_size,
                                                 mask_id, max_views_per_chunk, temperature)
                     per_tok, was_clipped = ppo_token_loss(lp, lp_old, adv_row[idx, None], clip, clip_high)
-                    loss = (per_tok * v).sum() / n_tok
-                    loss.backward()
-                    loss_sum += float(loss.detach())
+                    trainer.backward((per_tok * v).sum(), weight=v.sum())   # / the step's tokens, all processes
                     clipped += int((was_clipped & v).sum())
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                opt.step()
+                loss_sum = float(trainer.step())
         valid_rate = float(np.mean([p.valid for p in parses])) if parses else 0.0
         history["step"].append(step)
         history["reward"].append(float(np.mean(rewards)))
@@ -179,5 +182,6 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
     bar.close()
     keeper.restore(policy)
     policy.eval()
-    history.update(seconds=time.time() - t0, steps=steps, best_val=max(history["val"]) if history["val"] else None)
+    history.update(seconds=time.time() - t0, steps=steps, best_val=max(history["val"]) if history["val"] else None,
+                   processes=trainer.world)
     return history

@@ -50,9 +50,10 @@ def plot_training(histories: dict, val_label: str = "validation"):
         if not h or not h.get("loss"):
             continue
         loss = np.asarray(h["loss"])
+        steps = np.asarray(h.get("step") or np.arange(1, len(loss) + 1))     # losses are logged every few steps
         k = max(1, len(loss) // 50)
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax[0].plot(np.arange(len(smooth)) + k, smooth, label=name)
+        ax[0].plot(steps[k - 1:], smooth, label=name)
         if h.get("val"):
             ax[1].plot(h["val_step"], h["val"], marker="o", label=name)
     ax[0].set(xlabel="step", ylabel="training loss", title="training loss")

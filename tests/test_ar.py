@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffgr2_lite.ar import AnswerConstraint, ar_decode, completion_logits, cosine_lr, pick, sft_loss, weighted_ce
+from diffgr2_lite.ar import AnswerConstraint, ar_decode, completion_logits, pick, sft_loss, weighted_ce
 from diffgr2_lite.batches import iterate_batches, make_batch
 from diffgr2_lite.text import (
     ANSWER, END_ANSWER, EOS, build_completion, build_vocabulary, decode_tokens, encode, make_tokenizer,
@@ -333,14 +333,6 @@ def test_iterate_batches_covers_every_row_once(tok):
             for i in range(len(b)):
                 seen.append(tuple(b.completion[i, :int(b.length[i])].tolist()))
         assert sorted(seen) == sorted(tuple(r["completion_ids"]) for r in rows)
-
-
-def test_cosine_lr():
-    assert cosine_lr(0, 100, 10) == pytest.approx(0.1)
-    assert cosine_lr(9, 100, 10) == pytest.approx(1.0)
-    assert cosine_lr(10, 100, 10) == pytest.approx(1.0)
-    assert cosine_lr(55, 100, 10) == pytest.approx(0.5)
-    assert cosine_lr(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kv_cached_decoding_equals_full_recompute():

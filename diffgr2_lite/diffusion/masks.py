@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 
-def block_ids(prompt_len: int, completion_len: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(prompt_len + completion_len)
-    comp = prompt_len + (pos - prompt_len).clamp(min=0) // block_size
+def block_ids(prompt_len: int, completion_len: int, block_size: int, device=None) -> torch.Tensor:
+    pos = torch.arange(prompt_len + completion_len, device=device)
+    comp = prompt_len + (pos - prompt_len) // block_size                   # (prompt positions: replaced below)
     return torch.where(pos < prompt_len, pos, comp)
 
 
@@ -39,22 +39,22 @@ def view_mask(prompt_len: int, completion_len: int, block_size: int, view_blocks
     * clean -> view: never.
     """
     L, B = prompt_len + completion_len, block_size
-    view_blocks = torch.as_tensor(view_blocks).cpu()
-    V = len(view_blocks)
-    ids = block_ids(prompt_len, completion_len, block_size)
+    view_blocks = torch.as_tensor(view_blocks)                              # built where view_blocks lives
+    dev, V = view_blocks.device, len(view_blocks)
+    ids = block_ids(prompt_len, completion_len, block_size, dev)
     view_block_id = prompt_len + view_blocks.long()                         # block id of each view's block
     q_view = view_block_id.repeat_interleave(B)                             # [V*B]
-    view_of = torch.arange(V).repeat_interleave(B)
-    top = torch.cat([ids[None, :] <= ids[:, None], torch.zeros(L, V * B, dtype=torch.bool)], 1)
+    view_of = torch.arange(V, device=dev).repeat_interleave(B)
+    top = torch.cat([ids[None, :] <= ids[:, None], torch.zeros(L, V * B, dtype=torch.bool, device=dev)], 1)
     bottom = torch.cat([ids[None, :] < q_view[:, None], view_of[None, :] == view_of[:, None]], 1)
     return torch.cat([top, bottom], 0)
 
 
 def view_positions(prompt_len: int, completion_len: int, block_size: int, view_blocks: torch.Tensor) -> torch.Tensor:
     """Absolute position ids of the clean sequence followed by the views (a view reuses its block's positions)."""
-    clean = torch.arange(prompt_len + completion_len)
-    offs = torch.arange(block_size)
-    view_blocks = torch.as_tensor(view_blocks).cpu()
+    view_blocks = torch.as_tensor(view_blocks)
+    clean = torch.arange(prompt_len + completion_len, device=view_blocks.device)
+    offs = torch.arange(block_size, device=view_blocks.device)
     views = (prompt_len + view_blocks.long()[:, None] * block_size + offs[None, :]).flatten()
     return torch.cat([clean, views])
 

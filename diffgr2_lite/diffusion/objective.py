@@ -48,8 +48,8 @@ def noise_blocks(completion: torch.Tensor, block_size: int, mask_id: int, genera
     n, c = completion.shape
     nb = c // block_size
     blocks = completion.view(n, nb, block_size)
-    t = t_min + (1 - t_min) * torch.rand(n, nb, 1, generator=generator, device=completion.device)
-    masked = torch.rand(n, nb, block_size, generator=generator, device=completion.device) < t
+    t = t_min + (1 - t_min) * _rand((n, nb, 1), generator, completion.device)
+    masked = _rand((n, nb, block_size), generator, completion.device) < t
     view_blocks = torch.arange(nb, device=completion.device)
     if complementary:
         masked = torch.cat([masked, ~masked], 1)
@@ -59,18 +59,58 @@ def noise_blocks(completion: torch.Tensor, block_size: int, mask_id: int, genera
     return views, masked, view_blocks
 
 
+def _rand(shape, generator, device) -> torch.Tensor:
+    """``torch.rand``; without a generator argument when there is none (torch.compile with dynamic shapes refuses
+    an explicit ``generator=None``)."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator, device=device)
+
+
 def diffusion_weights(batch, block_size: int) -> torch.Tensor:
     """Per-token weights for diffusion: the AR weights, plus the ``<eos>`` fill of the block holding the first end.
 
     Whole blocks after the end carry no weight (they are never decoded: decoding stops after the ending block).
+    The fill takes the answer weight (lambda_o; 1 when no row has an answer). Device ops only: no value is read back.
     """
     w = batch.weight.clone()
     c = w.shape[1]
     pos = torch.arange(c, device=w.device)[None]
     end_block = (batch.length[:, None] + block_size - 1) // block_size * block_size
     fill = (pos >= batch.length[:, None]) & (pos < end_block)
-    lam_o = batch.weight[batch.is_answer].max() if batch.is_answer.any() else torch.tensor(1.0)
+    lam_o = torch.where(batch.is_answer, batch.weight, torch.zeros_like(batch.weight)).amax()
+    lam_o = torch.where(batch.is_answer.any(), lam_o, torch.ones_like(lam_o))
     return torch.where(fill, lam_o.to(w.dtype), w)
+
+
+def masked_diffusion_terms(model, batch, block_size: int, mask_id: int, generator=None, complementary: bool = True,
+                           extra_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CFT objective as (sum of w_i * CE_i over masked tokens, sum of their w_i): the loss is their ratio.
+
+    With complementary views every token is masked in exactly one view of its pair, so each token is scored once,
+    from the view that masked it: the output layer runs on [N, C] positions, a fixed shape (no boolean selection, so
+    no host sync and nothing for ``torch.compile`` to break on). Without, view v's unmasked tokens get weight 0.
+    """
+    comp = batch.completion
+    n, c = comp.shape
+    nb = c // block_size
+    views, masked, view_blocks = noise_blocks(comp, block_size, mask_id, generator, complementary)
+    if extra_mask is not None:
+        em = extra_mask.view(n, nb, block_size)
+        masked[:, :nb] |= em
+        if complementary:
+            masked[:, nb:] &= ~em
+        views = torch.where(masked, torch.full_like(views, mask_id),
+                            comp.view(n, nb, block_size).repeat(1, masked.shape[1] // nb, 1))
+    h = view_hidden(model, batch.prompt, comp, views, view_blocks, block_size)       # [N, V, B, H]
+    w = diffusion_weights(batch, block_size)
+    if complementary:                           # views 0..nb-1: the blocks in order; nb..2nb-1: their complements
+        h = torch.where(masked[:, :nb, :, None], h[:, :nb], h[:, nb:])
+    else:
+        w = w * masked.reshape(n, c)
+    logits = model.lm_head(h.reshape(n, c, -1))
+    ce = F.cross_entropy(logits.float().flatten(0, 1), comp.flatten(), reduction="none").view(n, c)
+    return (ce * w).sum(), w.sum()
 
 
 def masked_diffusion_loss(model, batch, block_size: int, mask_id: int, generator=None, complementary: bool = True,
@@ -79,20 +119,5 @@ def masked_diffusion_loss(model, batch, block_size: int, mask_id: int, generator
 
     ``extra_mask`` [N, C] (optional) forces positions to be masked in the first view (e.g. the whole answer).
     """
-    comp = batch.completion
-    n, c = comp.shape
-    views, masked, view_blocks = noise_blocks(comp, block_size, mask_id, generator, complementary)
-    if extra_mask is not None:
-        nb = c // block_size
-        em = extra_mask.view(n, nb, block_size)
-        masked[:, :nb] |= em
-        if complementary:
-            masked[:, nb:] &= ~em
-        views = torch.where(masked, torch.full_like(views, mask_id), comp.view(n, nb, block_size).repeat(1, masked.shape[1] // nb, 1))
-    h = view_hidden(model, batch.prompt, comp, views, view_blocks, block_size)
-    targets = comp.view(n, -1, block_size)[:, view_blocks]
-    w = diffusion_weights(batch, block_size).view(n, -1, block_size)[:, view_blocks]
-    sel = masked & (w > 0)
-    logits = model.lm_head(h[sel])                                      # only the scored positions reach the head
-    ce = F.cross_entropy(logits.float(), targets[sel], reduction="none")
-    return (ce * w[sel]).sum() / w[sel].sum().clamp(min=1e-8)
+    total, w = masked_diffusion_terms(model, batch, block_size, mask_id, generator, complementary, extra_mask)
+    return total / w.clamp(min=1e-8)

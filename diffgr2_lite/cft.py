@@ -1,0 +1,77 @@
+"""Conversion fine-tuning (CFT): the AR re-ranker's weights, trained with the masked block-diffusion loss.
+
+Same model, same teacher trajectories as SFT; only the objective changes (:mod:`diffgr2_lite.diffusion.objective`):
+each completion block is noised (a mask ratio t ~ U(0, 1) per block, plus the complementary view), and every masked
+token is predicted from its block's canvas and the clean earlier blocks, with GR2's weights (lambda_r on the reasoning,
+lambda_o on the answer and on the ``<eos>`` fill of the ending block). Completions are padded to a multiple of the
+block size. Training goes through the one loop (:func:`diffgr2_lite.train.train_supervised`), and the checkpoint is
+chosen by strict validation NDCG@3 of the plain block-diffusion sampler at tau = 1.0 (no constrained decoder).
+
+Variants (notebook 05 compares them): ``cft`` (complementary views, the GR2 weights), ``plain`` (one view per block,
+every token weighted like the answer) and ``answer_aware`` (30% of rows have their whole answer masked in one view:
+the parallel decoder writes the answer from a fully masked block at inference).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .config import Profile
+from .decoders import diffusion_validate
+from .diffusion.objective import masked_diffusion_terms
+from .train import train_supervised
+
+VARIANTS = {
+    "cft": dict(answer_mask_prob=0.0, complementary=True, answer_weighted_reasoning=False),
+    "plain": dict(answer_mask_prob=0.0, complementary=False, answer_weighted_reasoning=True),
+    "answer_aware": dict(answer_mask_prob=0.3, complementary=True, answer_weighted_reasoning=False),
+}
+
+
+def cft_loss_fn(profile: Profile, ex, answer_mask_prob: float = 0.0, complementary: bool = True):
+    """The CFT objective as a ``loss_fn(model, batch) -> (sum, weight)`` for the training loop (optionally
+    answer-aware: that share of rows gets its whole answer masked in the first view)."""
+    mask_id = ex.tokenizer.mask_token_id
+
+    def loss_fn(model, batch):
+        extra = None
+        if answer_mask_prob > 0:
+            rows = torch.rand(batch.completion.shape[0], device=batch.completion.device) < answer_mask_prob
+            extra = batch.is_answer & rows[:, None]
+        return masked_diffusion_terms(model, batch, profile.block_size, mask_id, complementary=complementary,
+                                      extra_mask=extra)
+
+    return loss_fn
+
+
+def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: float | None = None, **kw):
+    """Conversion fine-tuning from a copy of the AR weights. ``variant``: cft | plain | answer_aware.
+
+    ``kw`` may override ``lr``. Returns (model, history)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown CFT variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    s = VARIANTS[variant]
+    model = copy.deepcopy(ar_model).to(profile.device)
+    lambda_r = profile.lambda_answer if s["answer_weighted_reasoning"] else profile.lambda_reasoning
+    hist = train_supervised(model, ex.splits["train"], ex.tokenizer,
+                            loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
+                            epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr),
+                            batch_size=profile.batch_size, grad_accum=profile.grad_accum,
+                            buckets=profile.length_buckets, compile=profile.compile,
+                            lambda_r=lambda_r, lambda_o=profile.lambda_answer, device=profile.device,
+                            seed=profile.seed, multiple_of=profile.block_size, desc=f"CFT ({variant})",
+                            validate=diffusion_validate(profile, ex, n=128))
+    return model, hist
+
+
+def continue_cft(profile: Profile, ex, model, steps: int, desc: str = "CFT (continued, off-policy control)"):
+    """More CFT steps on the fixed teacher trajectories: the off-policy control OPD is compared with."""
+    model = copy.deepcopy(model)
+    epochs = steps * profile.batch_size * profile.grad_accum / len(ex.splits["train"])
+    hist = train_supervised(model, ex.splits["train"], ex.tokenizer, loss_fn=cft_loss_fn(profile, ex), epochs=epochs,
+                            lr=profile.opd_lr, batch_size=profile.batch_size, grad_accum=profile.grad_accum,
+                            buckets=profile.length_buckets, compile=profile.compile,
+                            lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer, device=profile.device,
+                            seed=profile.seed + 7, multiple_of=profile.block_size, desc=desc)
+    return model, hist

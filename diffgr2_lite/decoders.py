@@ -1,0 +1,66 @@
+"""Decoders as the evaluator takes them (``decode(rows, prompt) -> dict``), and the validation score built on them.
+
+:func:`ar_decoder` is AR decoding with a KV cache, free or constrained (:mod:`diffgr2_lite.ar`);
+:func:`diffusion_decoder` the block-diffusion sampler (:mod:`diffgr2_lite.diffusion.sampler`), optionally followed by
+the external assignment decoder. :func:`validation_score` is what every training stage selects its checkpoint by.
+"""
+from __future__ import annotations
+
+from .ar import AnswerConstraint, ar_decode, candidate_token_ids, max_completion_len
+from .evaluate import evaluate
+
+
+def ar_max_new(ex) -> int:
+    """The decoding budget: the longest training completion plus 8 tokens."""
+    return max_completion_len(ex.splits["train"]) + 8
+
+
+def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: float = 0.0):
+    tok = ex.tokenizer
+
+    def decode(rows, prompt):
+        cons = AnswerConstraint(candidate_token_ids(rows, ex, tok, device), tok, max_new) if constrained else None
+        return ar_decode(model, prompt, max_new, tok.eos_token_id, cons, temperature)
+
+    return decode
+
+
+def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | None = None, temperature: float = 0.0,
+                      assign: bool = False, sub_block: int | None = None):
+    """Block-diffusion decoding (``sub_block``: left-to-right chunks inside a block); ``assign`` rewrites each answer
+    with the external assignment decoder."""
+    from .diffusion.sampler import diffusion_decode
+    from .text import label_token
+
+    tok = ex.tokenizer
+    B = block_size or profile.block_size
+    max_blocks = -(-ar_max_new(ex) // B)
+
+    def decode(rows, prompt):
+        res = diffusion_decode(model, prompt, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau,
+                               temperature=temperature, sub_block=sub_block)
+        out = res.as_dict()
+        if assign:
+            from .diffusion.assignment import assign_answer
+
+            labels = tok.convert_tokens_to_ids([label_token(k) for k in range(len(rows[0]["candidates"]))])
+            out["tokens"] = assign_answer(model, prompt, res.tokens, candidate_token_ids(rows, ex, tok, prompt.device),
+                                          B, tok.mask_token_id, tok.convert_tokens_to_ids("<answer>"), labels)
+        return out
+
+    return decode
+
+
+def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") -> float:
+    """Strict validation NDCG@3 (an invalid output counts as a miss).
+
+    Model selection uses the strict score: under the paper's fallback every all-invalid checkpoint scores exactly the
+    retriever floor, so early checkpoints that cannot yet write a ranking would tie with good ones.
+    """
+    valid = ex.splits["valid"].select(range(min(n, len(ex.splits["valid"]))))
+    return evaluate(decode, valid, ex, profile.eval_batch, profile.device, desc="validating")["metrics_strict"][metric]
+
+
+def diffusion_validate(profile, ex, n: int = 128, tau: float = 1.0):
+    """Strict validation NDCG@3 of a block-diffusion model decoded with the plain sampler."""
+    return lambda m: validation_score(diffusion_decoder(m, ex, profile, tau), ex, profile, n=n)

@@ -1,0 +1,223 @@
+"""The one training loop: schedules, best state, the device batcher, exact accumulation, and two processes = one."""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffgr2_lite.batches import DeviceBatches, length_buckets, make_batch
+from diffgr2_lite.train import BestState, Trainer, constant_lr, cosine_lr, maybe_validate
+from tiny import EOS, tiny_model
+from train_case import StubTokenizer, run, toy_rows
+
+TESTS = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------- schedules, best state
+def test_cosine_lr():
+    assert cosine_lr(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_lr(10, 100, 10) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 10) == pytest.approx(0.5)
+    assert cosine_lr(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_constant_lr():
+    assert constant_lr(0, 100, 4) == pytest.approx(0.25) and constant_lr(3, 100, 4) == pytest.approx(1.0)
+    assert all(constant_lr(s, 100, 0) == 1.0 for s in (0, 50, 99))
+
+
+def test_best_state_keeps_and_restores_the_best():
+    model = torch.nn.Linear(2, 1)
+    keeper = BestState()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        keeper.update(model, 0.5)
+        model.weight.fill_(2.0)
+        keeper.update(model, 0.4)                              # worse: not kept
+        model.weight.fill_(3.0)
+        keeper.update(model, 0.5)                              # a tie: not kept by default
+    keeper.restore(model)
+    assert keeper.best == 0.5 and torch.all(model.weight == 1.0)
+    later = BestState(ties_to_later=True)
+    with torch.no_grad():
+        later.update(model, 0.5)
+        model.weight.fill_(3.0)
+        later.update(model, 0.5)
+    model.weight.data.fill_(0.0)
+    later.restore(model)
+    assert torch.all(model.weight == 3.0)
+
+
+def test_maybe_validate_every_k_and_at_the_end():
+    model, hist, calls = torch.nn.Linear(1, 1), {"val_step": [], "val": []}, []
+    for step in range(1, 11):
+        maybe_validate(lambda m: calls.append(m.training) or step, model, step, 10, 4, hist, None)
+    assert hist["val_step"] == [4, 8, 10] and calls == [False] * 3 and model.training
+
+
+# ----------------------------------------------------------------------------------------------- length buckets
+def test_length_buckets_are_the_cheapest_split():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lengths = rng.choice([3, 4, 5, 9, 10, 17, 18, 30], size=rng.integers(5, 40))
+        k = int(rng.integers(1, 4))
+        groups = length_buckets(lengths, k)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))     # a partition
+        cost = sum(len(g) * lengths[g].max() for g in groups)
+        values = np.unique(lengths)
+        best = min(sum((lengths[(lengths > lo) & (lengths <= hi)]).size * hi
+                       for lo, hi in zip((-1, *cuts), (*cuts, values[-1])))
+                   for m in range(k) for cuts in itertools.combinations(values[:-1], m))
+        assert cost == best and len(groups) <= k
+
+
+# ----------------------------------------------------------------------------------------------- device batches
+def epoch_rows(data: DeviceBatches, e: int = 0) -> list[list[tuple]]:
+    """The real rows (completion up to <eos>) of each micro-batch of epoch e."""
+    out = []
+    for b in data.epoch(e):
+        out.append([tuple(b.completion[i, :int(b.length[i])].tolist()) for i in range(len(b)) if b.length[i] > 0])
+    return out
+
+
+def test_device_batches_shapes_padding_rows_and_every_row_once():
+    rows = toy_rows()
+    data = DeviceBatches(rows, StubTokenizer(), batch_size=5, multiple_of=4, buckets=2, seed=1)
+    assert len(data.groups) == 2 and len(data) == sum(-(-n // 5) for n in data.sizes)
+    shapes = set()
+    for b in data.epoch(0):
+        assert len(b) == 5 and b.completion.shape[1] % 4 == 0 and b.prompt.shape[1] == 6
+        shapes.add(tuple(b.completion.shape))
+        pad = b.length == 0                                    # padding rows: nothing to learn from them
+        assert (b.weight[pad] == 0).all() and not b.is_answer[pad].any() and (b.completion[pad] == EOS).all()
+    assert len(shapes) == 2                                    # one shape per length group
+    seen = sorted(r for batch in epoch_rows(data) for r in batch)
+    assert seen == sorted(tuple(r["completion_ids"]) for r in rows)
+    # each length group holds what make_batch builds for its rows, plus the padding row
+    lengths = [-(-len(r["completion_ids"]) // 4) * 4 for r in rows]
+    for idx, group in zip(length_buckets(lengths, 2), data.groups):
+        ref = make_batch([rows[i] for i in idx], StubTokenizer(), multiple_of=4)
+        for a, b in zip((ref.prompt, ref.completion, ref.weight, ref.is_answer, ref.length),
+                        (group.prompt, group.completion, group.weight, group.is_answer, group.length)):
+            assert torch.equal(a, b[:-1])
+
+
+def test_device_batches_are_deterministic_by_seed_and_reshuffled_each_epoch():
+    rows = toy_rows()
+    a = DeviceBatches(rows, StubTokenizer(), batch_size=4, seed=3)
+    b = DeviceBatches(rows, StubTokenizer(), batch_size=4, seed=3)
+    c = DeviceBatches(rows, StubTokenizer(), batch_size=4, seed=4)
+    assert epoch_rows(a, 0) == epoch_rows(b, 0) and epoch_rows(a, 1) == epoch_rows(b, 1)
+    assert epoch_rows(a, 0) != epoch_rows(c, 0) and epoch_rows(a, 0) != epoch_rows(a, 1)
+    first = list(itertools.islice(iter(a), len(a) + 2))       # iterating runs on into the next epoch
+    assert len(first) == len(a) + 2
+
+
+@pytest.mark.parametrize("world,accum", [(2, 1), (2, 2), (3, 1)])
+def test_shards_partition_the_global_batch(world, accum):
+    rows, tok = toy_rows(), StubTokenizer()
+    single = DeviceBatches(rows, tok, batch_size=2 * world * accum, buckets=2, seed=7)
+    shards = [DeviceBatches(rows, tok, batch_size=2, grad_accum=accum, buckets=2, seed=7, rank=r, world=world)
+              for r in range(world)]
+    assert all(len(s) == len(single) for s in shards)
+    per_rank = [epoch_rows(s) for s in shards]
+    for step, global_rows in enumerate(epoch_rows(single)):
+        parts = [r for rank in per_rank for r in itertools.chain(*rank[step * accum:(step + 1) * accum])]
+        assert sorted(parts) == sorted(global_rows)
+
+
+def test_transform_runs_on_every_micro_batch():
+    seen = []
+    data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=8, seed=0,
+                         transform=lambda b: seen.append(len(b)) or type(b)(b.prompt, b.completion, b.weight * 2,
+                                                                             b.is_answer, b.length))
+    batch = next(iter(data))
+    assert seen == [8] and batch.weight.max() == 2.0
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def test_fit_lowers_the_loss_and_logs_every_k_steps():
+    from diffgr2_lite.ar import sft_terms
+
+    model = tiny_model(init=0.05)
+    data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=8, seed=0)
+    calls = []
+    trainer = Trainer(model, lr=5e-3, total_steps=60, log_every=10, device="cpu", progress=False)
+    hist = trainer.fit(data, sft_terms, validate=lambda m: calls.append(1) or -len(calls), validate_every=25)
+    assert hist["step"] == [10, 20, 30, 40, 50, 60] and len(hist["loss"]) == 6
+    assert hist["loss"][-1] < 0.75 * hist["loss"][0]
+    assert hist["val_step"] == [25, 50, 60] and hist["best_val"] == -1 and hist["steps"] == 60
+    assert not model.training
+
+
+def test_fit_logs_extras_of_a_dict_loss():
+    from diffgr2_lite.ar import sft_loss
+
+    model = tiny_model(init=0.05)
+    data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=8, seed=0)
+    trainer = Trainer(model, lr=1e-3, total_steps=4, log_every=2, grad_accum=2, device="cpu", progress=False)
+    hist = trainer.fit(data, lambda m, b: {"loss": sft_loss(m, b), "rows": torch.tensor(float(len(b)))},
+                       keep_best=False)
+    assert hist["rows"] == [8.0, 8.0] and len(hist["loss"]) == 2
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """2 micro-batches of b rows == 1 batch of 2b rows (same rows): the (sum, weight) loss is normalised over the
+    global batch, so the steps agree even though the micro-batches hold different numbers of weighted tokens."""
+    loss_a, w_a = run(batch_size=4, grad_accum=2, steps=5)
+    loss_b, w_b = run(batch_size=8, grad_accum=1, steps=5)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-5, atol=1e-6)
+    _, w_c = run(batch_size=8, grad_accum=1, steps=5, lr=6e-3)
+    assert any((w_c[k] - w_b[k]).abs().max() > 1e-4 for k in w_b)        # the comparison can fail
+
+
+def test_two_processes_give_the_same_training_as_one(tmp_path):
+    """torchrun, 2 processes (gloo, CPU), 4 rows each per step == 1 process, 8 rows per step (and == 1 process with
+    2 micro-batches of 4). Tolerance: losses rtol 1e-5, weights rtol 1e-5 / atol 1e-6 (float32 sums in another order).
+
+    The loss calls ``model.model`` and ``model.lm_head`` directly (no DDP wrapper); the equal weights at the end show
+    the trainer's own all-reduce synchronises them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "train_case.py"), str(tmp_path), "4", "1", "6"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == 2 and r0["losses"] == r1["losses"]
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k])            # the processes never drift apart
+    for accum, batch in ((1, 8), (2, 4)):
+        losses, weights = run(batch_size=batch, grad_accum=accum, steps=6)
+        np.testing.assert_allclose(r0["losses"], losses, rtol=1e-5)
+        for k in weights:
+            torch.testing.assert_close(r0["weights"][k], weights[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_compiler_falls_back_to_eager():
+    """torch.compile is an optimisation: if it fails, the trainer warns and trains the same loss eagerly."""
+    from diffgr2_lite.ar import sft_terms
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    hist = {}
+    for compile in (False, True):
+        data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=8, seed=0)
+        trainer = Trainer(tiny_model(init=0.05), lr=1e-3, total_steps=3, log_every=1, device="cpu", progress=False,
+                          compile=compile, compile_options={"backend": broken})
+        if compile:
+            with pytest.warns(UserWarning, match="torch.compile failed"):
+                hist[compile] = trainer.fit(data, sft_terms, keep_best=False)["loss"]
+        else:
+            hist[compile] = trainer.fit(data, sft_terms, keep_best=False)["loss"]
+    assert hist[True] == hist[False]
