@@ -169,7 +169,8 @@ class DeviceBatches:
         import numpy as np
 
         if hasattr(rows, "select_columns"):
-            rows = rows.select_columns(["prompt_ids", "completion_ids"]).to_list()
+            cols = [c for c in ("prompt_ids", "completion_ids", "decision_weight") if c in rows.column_names]
+            rows = rows.select_columns(cols).to_list()
         if not rows:
             raise ValueError("no training rows")
         if not 0 <= rank < world:

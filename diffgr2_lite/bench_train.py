@@ -233,6 +233,7 @@ def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20,
     from .batches import DeviceBatches
     from .cft import cft_loss_fn
     from .config import get_profile
+    from .copy_warmup import relabel_transform
     t_start = time.perf_counter()
     P = get_profile(profile_name, dataset)
     dev = torch.device(P.device)
@@ -240,7 +241,7 @@ def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20,
     print(f"bench-train: profile {P.name}, device {art.device_name(dev)}; loading data ...", flush=True)
     ex = pl.get_examples(P, progress=False)
     tok = ex.tokenizer
-    cols = ["prompt_ids", "completion_ids"]
+    cols = ["prompt_ids", "completion_ids", "decision_weight"]
     sft_rows = [r for s in ("train", "reading") for r in ex.splits[s].select_columns(cols).to_list()]
     peak = matmul_rate(dev)
     model = pl.new_model(P, ex)
@@ -288,14 +289,17 @@ def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20,
                        Path(out or _default_out(P)).with_name("train_speed_profile.txt"), {"dynamic": dynamic})
             except Exception as exc:
                 errors["trace"] = f"{type(exc).__name__}: {exc}"[:2000]
-    if "copy_warmup" in stages:
-        task = pl.copy_task(P, ex)
-        attempt("copy_warmup", lambda: _copy_row(model, task, P.copy_batch, dims, compile_on,
-                                                 steps, dev, {"dynamic": dynamic}))
+    if "copy_warmup" in stages:                        # the warm-up: answer-only loss on relabelled rows
+        warm_data = DeviceBatches(ex.training_rows(), tok, batch_size=P.copy_batch, lambda_r=0.0, lambda_o=1.0,
+                                  seed=P.seed, device=dev,
+                                  transform=relabel_transform(tok, ex.fmt.sid_len, 1.0, P.seed, dev))
+        attempt("copy_warmup", lambda: _supervised("copy_warmup", "after", model, warm_data, sft_terms, "ar", dims,
+                                                   compile=compile_on, **sft_steps))
     if "cft" in stages:
-        cft_data = DeviceBatches(ex.splits["train"], tok, batch_size=P.batch_size, lambda_r=P.lambda_reasoning,
+        cft_data = DeviceBatches(ex.training_rows(), tok, batch_size=P.batch_size, lambda_r=P.lambda_reasoning,
                                  lambda_o=P.lambda_answer, buckets=P.length_buckets, seed=P.seed, device=dev,
-                                 multiple_of=P.block_size)
+                                 multiple_of=P.block_size,
+                                 transform=relabel_transform(tok, ex.fmt.sid_len, P.relabel_share, P.seed, dev))
         for c in sorted({False, compile_on}):
             attempt(f"cft compile={c}", lambda c=c: _supervised("cft", "after", model, cft_data,
                                                                 cft_loss_fn(P, ex), "cft", dims, compile=c,
@@ -331,34 +335,6 @@ def _version(name: str) -> str | None:
         return version(name)
     except Exception:  # pragma: no cover
         return None
-
-
-def _copy_row(model, task, batch, dims, compile, steps, dev, compile_options=None):
-    """The copy warm-up's step: batches drawn on the device, answer length fixed (one shape)."""
-    from .copy_warmup import copy_loss_fn
-    from .train import Trainer
-
-    trainer = Trainer(model, lr=1e-4, total_steps=10 ** 6, compile=compile, compile_options=compile_options,
-                      log_every=10 ** 9, device=dev, progress=False)
-    loss_fn = copy_loss_fn(task.sid_len)
-    it = task.batches(batch)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        trainer.train_step([next(it)], loss_fn)
-    sync(dev)
-    warm_s = time.perf_counter() - t0
-    prompts, answers, _ = next(it)
-    P, C = prompts.shape[1], answers.shape[1]
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step([next(it)], loss_fn)
-    sync(dev)
-    s = time.perf_counter() - t0
-    return _row("copy_warmup", "after", dev, steps, s, steps * train_flops(dims, batch, P, C), steps * batch * (P + C),
-                None, batch=batch, grad_accum=1, compile=trainer.is_compiled(loss_fn), bf16=trainer.bf16,
-                warmup_s=warm_s)
 
 
 def _opd_fn(P, ex, model, dev):

@@ -1,6 +1,7 @@
 """Conversion fine-tuning (CFT): the AR re-ranker's weights, trained with the masked block-diffusion loss.
 
-Same model, same teacher trajectories as SFT; only the objective changes (:mod:`diffgr2_lite.diffusion.objective`):
+Same model, same teacher trajectories as SFT (rejection-sampled and reading rows, a share relabelled); only the
+objective changes (:mod:`diffgr2_lite.diffusion.objective`):
 each completion block is noised (a mask ratio t ~ U(0, 1) per block, plus the complementary view), and every masked
 token is predicted from its block's canvas and the clean earlier blocks, with GR2's weights (lambda_r on the reasoning,
 lambda_o on the answer and on the ``<eos>`` fill of the ending block). Completions are padded to a multiple of the
@@ -20,7 +21,8 @@ import torch
 from .config import Profile
 from .decoders import diffusion_validate
 from .diffusion.objective import masked_diffusion_terms
-from .train import train_supervised
+from .copy_warmup import relabel_transform
+from .train import process_device, train_supervised
 
 VARIANTS = {
     "cft": dict(answer_mask_prob=0.0, complementary=True, answer_weighted_reasoning=False),
@@ -54,8 +56,10 @@ def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: floa
     s = VARIANTS[variant]
     model = copy.deepcopy(ar_model).to(profile.device)
     lambda_r = profile.lambda_answer if s["answer_weighted_reasoning"] else profile.lambda_reasoning
-    hist = train_supervised(model, ex.splits["train"], ex.tokenizer,
+    hist = train_supervised(model, ex.training_rows(), ex.tokenizer,
                             loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
+                            transform=relabel_transform(ex.tokenizer, ex.fmt.sid_len, profile.relabel_share,
+                                                        profile.seed + 2, process_device(profile.device)),
                             epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr),
                             batch_size=profile.batch_size, grad_accum=profile.grad_accum,
                             buckets=profile.length_buckets, compile=profile.compile,
@@ -68,8 +72,9 @@ def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: floa
 def continue_cft(profile: Profile, ex, model, steps: int, desc: str = "CFT (continued, off-policy control)"):
     """More CFT steps on the fixed teacher trajectories: the off-policy control OPD is compared with."""
     model = copy.deepcopy(model)
-    epochs = steps * profile.batch_size * profile.grad_accum / len(ex.splits["train"])
-    hist = train_supervised(model, ex.splits["train"], ex.tokenizer, loss_fn=cft_loss_fn(profile, ex), epochs=epochs,
+    rows = ex.training_rows()
+    epochs = steps * profile.batch_size * profile.grad_accum / len(rows)
+    hist = train_supervised(model, rows, ex.tokenizer, loss_fn=cft_loss_fn(profile, ex), epochs=epochs,
                             lr=profile.opd_lr, batch_size=profile.batch_size, grad_accum=profile.grad_accum,
                             buckets=profile.length_buckets, compile=profile.compile,
                             lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer, device=profile.device,

@@ -49,11 +49,14 @@ class Profile:
     reading_ratio: float = 1.0        # reading examples (answer-free trace openings) per rejection-sampled example
     # model
     model: ModelSize = field(default_factory=lambda: ModelSize(64, 2, 4, 128))
-    # AR SFT, after a SID-copying warm-up (training prompts with answers in fresh random orders; see copy_warmup)
-    copy_steps: int = 100
+    # AR SFT, after a copy warm-up (the format's answers on relabelled rows until the answer-validity gate; copy_warmup)
+    copy_steps: int = 100             # the most warm-up steps
     copy_batch: int = 32
     copy_lr: float = 1e-3
-    copy_structured: float = 0.5      # share of warm-up answers shaped "random picks, then the rest in prompt order"
+    copy_gate: float = 0.99           # stop the warm-up once held-out answers are this often valid
+    copy_check_every: int = 50        # warm-up steps between two gate checks
+    copy_relabel: float = 1.0         # warm-up rows whose SID codes are relabelled (1: all; 0 only to measure why)
+    relabel_share: float = 0.5        # SFT and CFT rows whose SID codes are relabelled (kept copying, not recalling)
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
     batch_size: int = 32
@@ -114,7 +117,8 @@ PROFILES: dict[str, Profile] = {
         synthetic_users=20000, synthetic_items=1200, max_eval=2000, train_positions=50,
         sid_levels=(256, 64), title_words=2,
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
-        reading_ratio=3.0, copy_steps=2000, copy_batch=256, ar_epochs=10.0, ar_lr=1e-3, cft_epochs=2.0, cft_lr=3e-4,
+        reading_ratio=3.0, copy_steps=4000, copy_batch=256, copy_check_every=250, ar_epochs=10.0, ar_lr=1e-3,
+        cft_epochs=3.0, cft_lr=3e-4,
         batch_size=128, eval_batch=512,
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,
@@ -194,7 +198,8 @@ FIELD_RANGES = {
     "n_candidates": AT_LEAST_1, "train_positions": AT_LEAST_1, "max_eval": AT_LEAST_1, "sid_levels": AT_LEAST_1,
     "teacher_tries": AT_LEAST_1, "teacher_temperature": POSITIVE,
     "model.hidden": AT_LEAST_1, "model.layers": AT_LEAST_1, "model.heads": AT_LEAST_1, "model.intermediate": AT_LEAST_1,
-    "copy_batch": AT_LEAST_1, "copy_lr": POSITIVE, "copy_structured": FRACTION,
+    "copy_batch": AT_LEAST_1, "copy_lr": POSITIVE, "copy_gate": FRACTION, "copy_check_every": AT_LEAST_1,
+    "relabel_share": FRACTION, "copy_relabel": FRACTION, "grad_accum": AT_LEAST_1, "length_buckets": AT_LEAST_1,
     "ar_epochs": POSITIVE, "ar_lr": POSITIVE, "batch_size": AT_LEAST_1, "eval_batch": AT_LEAST_1,
     "block_size": AT_LEAST_1, "cft_epochs": POSITIVE, "cft_lr": POSITIVE, "cft_ablation_epochs": POSITIVE,
     "sweep_n": AT_LEAST_1, "opd_tau": THRESHOLD, "opd_prompts": AT_LEAST_1, "opd_rollouts": AT_LEAST_1,

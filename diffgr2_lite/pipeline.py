@@ -24,7 +24,7 @@ from .batches import tokenize_split
 # re-exported (notebooks call them as pl.*): train_cft, continue_cft (05, 06), ar_max_new (08), model_fingerprint
 from .cft import continue_cft, train_cft  # noqa: F401
 from .config import Profile
-from .copy_warmup import CopyTask, train_copy
+from .copy_warmup import relabel_transform, train_warmup
 from .decoders import ar_decoder, ar_max_new, diffusion_decoder, diffusion_validate, validation_score
 from .evaluate import bootstrap_vs, cached_evaluation, evaluate, fixed_rankings, model_fingerprint  # noqa: F401
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
@@ -134,22 +134,14 @@ def _cached(profile: Profile, stage: str, model, settings: dict, run):
 
 
 # ----------------------------------------------------------------------------------------------- AR
-def copy_task(profile: Profile, ex) -> CopyTask:
-    """The SID copy task over the training prompts (see :mod:`diffgr2_lite.copy_warmup`)."""
-    rows = [r for s in ("train", "reading")
-            for r in ex.splits[s].select_columns(["prompt_ids", "candidates"]).to_list()]
-    return CopyTask(torch.tensor([r["prompt_ids"] for r in rows], dtype=torch.long),
-                    candidate_token_ids(rows, ex, ex.tokenizer, "cpu"), ex.tokenizer, process_device(profile.device),
-                    seed=profile.seed, structured=profile.copy_structured)
-
-
 def new_model(profile: Profile, ex):
     """A randomly initialised re-ranker sized by the profile (positions for the longest training completion)."""
     max_pos = ex.fmt.prompt_len + max_completion_len(ex.splits["train"]) + 64
     return build_model(profile.model, len(ex.tokenizer), max_pos, ex.tokenizer, seed=profile.seed).to(profile.device)
 
 
-COPY_WARMUP_FIELDS = DATA_FIELDS + ("device", "model", "copy_steps", "copy_batch", "copy_lr", "copy_structured")
+COPY_WARMUP_FIELDS = DATA_FIELDS + ("device", "model", "copy_steps", "copy_batch", "copy_lr", "copy_gate",
+                                    "copy_check_every", "copy_relabel")
 
 
 def _engine(profile: Profile) -> dict:
@@ -157,12 +149,20 @@ def _engine(profile: Profile) -> dict:
     return dict(grad_accum=profile.grad_accum, buckets=profile.length_buckets, compile=profile.compile)
 
 
+def gate_rows(ex, n: int = 256) -> list[dict]:
+    """Held-out prompts for the warm-up's gate: the first ``n`` validation users, with the teacher's trace."""
+    valid = ex.splits["valid"]
+    return valid.select(range(min(n, len(valid)))).to_list()
+
+
 def get_copy_warmup(profile: Profile, ex, rebuild: bool = False):
     """The copy-warmed model both AR variants start from (trained once, then loaded). Returns (model, history)."""
     def build():
         model = new_model(profile, ex)
-        return model, train_copy(model, copy_task(profile, ex), steps=profile.copy_steps,
-                                 batch_size=profile.copy_batch, lr=profile.copy_lr, compile=profile.compile)
+        return model, train_warmup(model, ex.training_rows(), ex, gate_rows(ex), max_steps=profile.copy_steps,
+                                   batch_size=profile.copy_batch, lr=profile.copy_lr, gate=profile.copy_gate,
+                                   check_every=profile.copy_check_every, device=profile.device, seed=profile.seed,
+                                   compile=profile.compile, relabel=profile.copy_relabel)
 
     return get_stage_model(profile, ex, "copy_warmup", build, rebuild, key_fields=COPY_WARMUP_FIELDS)
 
@@ -170,23 +170,13 @@ def get_copy_warmup(profile: Profile, ex, rebuild: bool = False):
 def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     """SFT of the AR re-ranker: ``reasoning`` (trace + answer) or ``direct`` (the answer alone).
 
-    Both variants start from the same SID-copying warm-up (:func:`get_copy_warmup`). (Mixing copy-task batches into
-    SFT was tried on the GPU: the copy answers start right after the prompt, so the model learned to skip reasoning.)
+    Both variants start from the same copy warm-up (:func:`get_copy_warmup`) and train on the same prompts
+    (:meth:`ExampleSet.training_rows`); a ``relabel_share`` of each batch has its SID codes relabelled, so copying is kept.
     """
     import copy
 
-    from datasets import concatenate_datasets
-
     tok = ex.tokenizer
-    cols = ["prompt_ids", "completion_ids"]
-    train_ds = ex.splits["train"]
-    if variant == "direct":
-        train_ds = train_ds.select_columns(["prompt_ids", "direct_ids"]).rename_column("direct_ids", "completion_ids")
-    elif variant == "reasoning":
-        # the reading examples teach the answer-free opening of the trace on many more prompts (data/teacher.py)
-        train_ds = concatenate_datasets([train_ds.select_columns(cols), ex.splits["reading"].select_columns(cols)])
-    else:
-        raise ValueError(f"unknown AR variant {variant!r}; valid: reasoning, direct")
+    train_ds = ex.training_rows(variant)
     warm = None
     if profile.copy_steps > 0:
         warm_model, warm = get_copy_warmup(profile, ex)
@@ -195,7 +185,9 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
         model = new_model(profile, ex)
     max_new = max_completion_len(train_ds) + 8
     cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, batch_size=profile.batch_size,
-               lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer)
+               lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer,
+               transform=relabel_transform(tok, ex.fmt.sid_len, profile.relabel_share, profile.seed + 1,
+                                           process_device(profile.device)))
     cfg.update(_engine(profile))
     cfg.update(overrides)
     hist = train_supervised(model, train_ds, tok, loss_fn=sft_terms, device=profile.device, seed=profile.seed,

@@ -275,7 +275,7 @@ class Trainer:
 
     # -- the supervised loop ---------------------------------------------------------------------------------------
     def fit(self, batches, loss_fn, *, validate=None, validate_every: int | None = None, keep_best: bool = True,
-            ties_to_later: bool = True) -> dict:
+            ties_to_later: bool = True, stop_at: float | None = None) -> dict:
         """Train until ``total_steps``; each step takes ``grad_accum`` micro-batches from ``batches``.
 
         ``batches``: an iterable of this process's micro-batches (e.g. :class:`~diffgr2_lite.batches.DeviceBatches`,
@@ -284,8 +284,9 @@ class Trainer:
         further scalar tensors to log (averaged over the micro-batches of the ``log_every`` window).
         ``validate(model) -> float`` (higher is better) runs every ``validate_every`` steps and at the end; with
         ``keep_best`` the best-scoring weights are restored at the end (``ties_to_later``: a tie goes to the later).
+        ``stop_at``: stop early, as soon as a validation score reaches it (a gate, e.g. the copy warm-up's).
         Returns the history: ``step`` and ``loss`` (mean over each logging window) and any extras, ``val_step``,
-        ``val``, ``best_val``, ``steps``, ``seconds``, ``processes`` and ``global_batch_rows`` (when known).
+        ``val``, ``best_val``, ``steps`` (taken), ``seconds``, ``processes`` and ``global_batch_rows`` (when known).
         """
         history = {"step": [], "loss": [], "val_step": [], "val": []}
         keeper = BestState(ties_to_later) if keep_best else None
@@ -307,11 +308,15 @@ class Trainer:
                 self.log(history)
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
             maybe_validate(validate, self.model, self.steps_done, self.total_steps, every, history, keeper)
+            if stop_at is not None and history["val_step"][-1:] == [self.steps_done] and history["val"][-1] >= stop_at:
+                if self.steps_done % self.log_every:
+                    self.log(history)
+                break
         bar.close()
         if keeper is not None:
             keeper.restore(self.model)
         self.model.eval()
-        history.update(best_val=max(history["val"]) if history["val"] else None, steps=self.total_steps,
+        history.update(best_val=max(history["val"]) if history["val"] else None, steps=self.steps_done,
                        seconds=time.time() - t0, processes=self.world)
         if hasattr(batches, "global_batch"):
             history["global_batch_rows"] = batches.global_batch

@@ -1,85 +1,116 @@
-"""The SID copy warm-up: random answers are permutations, the floor and accuracy are right, and training copies."""
-import math
+"""The copy warm-up's pieces: SID relabelling (a per-row bijection) and the answer-validity gate."""
+from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
-from diffgr2_lite.copy_warmup import CopyTask, copy_accuracy, copy_floor, copy_positions, random_answers, train_copy
-from tiny import EOS, tiny_model
+from diffgr2_lite.copy_warmup import answer_validity, relabel_sids
+from diffgr2_lite.text import (PromptFormat, build_answer, build_vocabulary, encode, make_tokenizer, sid_token_ranges,
+                               sid_tokens)
 
-OPEN, CLOSE = 5, 6
-
-
-class StubTokenizer:
-    eos_token_id = EOS
-
-    def convert_tokens_to_ids(self, token):
-        return {"<answer>": OPEN, "</answer>": CLOSE}[token]
+LEVELS = (6, 7, 3)
 
 
-def toy_task(n_rows=64, n=3, L=2, seed=0):
-    """Prompts that list ``n`` candidates of ``L`` codes each (distinct codes per row), and those codes."""
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.stack([torch.randperm(40, generator=g)[: n * L] + 10 for _ in range(n_rows)]).view(n_rows, n, L)
-    prompts = torch.cat([torch.ones(n_rows, 1, dtype=torch.long), codes.flatten(1)], 1)
-    return prompts, codes
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(build_vocabulary(["history candidates pick check ; . : <think> </think>"], LEVELS,
+                                           n_labels=4))
 
 
-def test_random_answers_are_fresh_permutations_of_the_candidates():
-    _, codes = toy_task(n_rows=1, n=4, L=3)
-    batch = codes.expand(50, 4, 3)
-    ans, fully_random = random_answers(batch, StubTokenizer(), torch.Generator().manual_seed(0))
-    assert fully_random.all()
-    assert ans.shape == (50, 4 * 3 + 3)
-    assert (ans[:, 0] == OPEN).all() and (ans[:, -2] == CLOSE).all() and (ans[:, -1] == EOS).all()
-    cands = {tuple(c.tolist()) for c in codes[0]}
-    orders = set()
-    for row in ans:
-        sids = [tuple(s.tolist()) for s in row[1:-2].view(4, 3)]
-        assert set(sids) == cands and len(sids) == 4            # each candidate exactly once
-        orders.add(tuple(sids))
-    assert len(orders) > 10                                      # fresh orders, not one order repeated
+def test_relabelling_is_a_bijection_per_row_and_level(tok):
+    ranges = sid_token_ranges(tok, 3)
+    g = torch.Generator().manual_seed(0)
+    words = "history : <a_1> <b_2> <c_0> ; candidates : [1] <a_1> <b_3> <c_0> [2] <a_4> <b_2> <c_2> pick [2] ."
+    completion = "<answer> [2] <a_4> <b_2> <c_2> [1] <a_1> <b_3> <c_0> </answer> <eos>"
+    p, c = (torch.tensor(encode(tok, [s] * 64)) for s in (words, completion))
+    rp, rc = relabel_sids(p, c, ranges, g, share=1.0)
+    changed = 0
+    for row in range(64):
+        before = p[row].tolist() + c[row].tolist()
+        after = rp[row].tolist() + rc[row].tolist()
+        mapping = {}
+        for b, a in zip(before, after):
+            level = next((k for k, (f, n) in enumerate(ranges) if f <= b < f + n), None)
+            if level is None:
+                assert a == b                                   # labels, words, specials: untouched
+                continue
+            first, n = ranges[level]
+            assert first <= a < first + n                       # a code stays at its level
+            assert mapping.setdefault(b, a) == a                # the same code is renamed the same way everywhere
+        assert len(set(mapping.values())) == len(mapping)       # distinct codes stay distinct
+        changed += any(k != v for k, v in mapping.items())
+    assert changed >= 60                                        # and it really renames
+    # share 0: nothing changes
+    same_p, same_c = relabel_sids(p, c, ranges, g, share=0.0)
+    assert torch.equal(same_p, p) and torch.equal(same_c, c)
 
 
-def test_structured_answers_are_random_picks_then_the_rest_in_prompt_order():
-    _, codes = toy_task(n_rows=1, n=6, L=2)
-    ans, fully_random = random_answers(codes.expand(200, 6, 2), StubTokenizer(), torch.Generator().manual_seed(1),
-                                       structured=1.0)
-    assert not fully_random.any()
-    index = {tuple(c.tolist()): i for i, c in enumerate(codes[0])}
-    picks_seen = set()
-    for row in ans:
-        order = [index[tuple(s.tolist())] for s in row[1:-2].view(6, 2)]
-        assert sorted(order) == list(range(6))                  # still a permutation
-        # some prefix is the picks; everything after it is increasing (prompt order)
-        k = next(k for k in range(7) if order[k:] == sorted(order[k:]))
-        picks_seen.add(k)
-    assert len(picks_seen) >= 4                                  # k varies across rows
+class OracleLM(torch.nn.Module):
+    """A stand-in LM that always predicts the next token of one of the given sequences (matched by prefix), so the
+    gate's decoding, slicing and parsing can be checked against known answers. It keeps its own history of the rows
+    and ignores the KV cache it is handed."""
+
+    def __init__(self, sequences: list[list[int]], vocab: int, flip: set[int] = frozenset()):
+        super().__init__()
+        self.seqs, self.vocab, self.flip = sequences, vocab, flip
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, past_key_values=None, use_cache=None, logits_to_keep=None, **kw):
+        ids = input_ids.tolist()
+        if input_ids.shape[1] > 1:                              # the prefill: which sequence is each row?
+            self.which = [next(s for s in self.seqs if s[:len(h)] == h) for h in ids]
+            self.length = input_ids.shape[1]
+        else:
+            self.length += 1
+        logits = torch.zeros(len(ids), 1, self.vocab)
+        for r, seq in enumerate(self.which):
+            t = min(self.length, len(seq) - 1)
+            nxt = seq[t - 4] if (seq[0] in self.flip and t == len(seq) - 5) else seq[t]   # one wrong code
+            logits[r, 0, nxt] = 1.0
+        return SimpleNamespace(logits=logits)
 
 
-def test_copy_floor_and_positions():
-    assert math.isclose(copy_floor(3, 9), math.log(6) / 9)
-    assert math.isclose(copy_floor(10, 33), math.log(math.factorial(10)) / 33)
-    # <answer> | a b c | a b c | </answer> <eos>: the copies are every code after a SID's first
-    assert copy_positions(2, 3).tolist() == [False, False, True, True, False, True, True, False, False]
+def test_answer_validity_decodes_after_the_trace_and_parses(tok):
+    fmt = PromptFormat(history_len=1, n_candidates=4, title_words=0, sid_len=3)
+    cands = {k: sid_tokens((k % 6, k % 7, k % 3)) for k in range(8)}
+    rows = []
+    for r in range(4):
+        items = list(range(r, r + 4))
+        order = [2, 0, 1, 3]
+        prompt = [tok.convert_tokens_to_ids("history") + r] + encode(tok, ["candidates : ;"])[0]
+        completion = encode(tok, ["<think> check pick [3] . </think> " + build_answer([cands[i] for i in items], order)])[0]
+        rows.append({"prompt_ids": prompt, "completion_ids": completion, "candidates": items,
+                     "teacher_ranking": order if r != 3 else [0, 1, 2, 3]})
+    ex = SimpleNamespace(tokenizer=tok, fmt=fmt, candidate_sids=lambda row: [cands[i] for i in row["candidates"]])
+    seqs = [r["prompt_ids"] + r["completion_ids"] for r in rows]
+    out = answer_validity(OracleLM(seqs, len(tok.get_vocab())), rows, ex, "cpu", batch_size=3)
+    # every row is decoded to its answer; row 3's reference ranking differs from what its trace implies
+    assert out == {"valid": 1.0, "follows": 0.75, "n": 4}
+    broken = OracleLM(seqs, len(tok.get_vocab()), flip={seqs[0][0]})
+    assert answer_validity(broken, rows, ex, "cpu")["valid"] == 0.75
 
 
-def test_copy_accuracy_counts_only_copy_positions():
-    answers = torch.tensor([[OPEN, 10, 11, 12, 13, CLOSE, EOS], [OPEN, 12, 13, 10, 11, CLOSE, EOS]])
-    logits = torch.full((2, 7, 50), -1.0)
-    logits.scatter_(2, answers[:, :, None], 1.0)                 # argmax = the answer everywhere...
-    logits[0, 1] = 0
-    logits[0, 1, 40] = 5.0                                       # ...except a wrong *choice* (not a copy) in row 0
-    logits[1, 4] = 0
-    logits[1, 4, 40] = 5.0                                       # and a wrong copy in row 1
-    acc, whole = copy_accuracy(logits, answers, sid_len=2)
-    assert math.isclose(acc, 3 / 4) and math.isclose(whole, 1 / 2)
+def test_warmup_gate_on_a_tiny_model():
+    """On the smoke data with a tiny model: a gate of 0 is met at the first check (the warm-up stops there); a gate
+    above 1 is never met (it runs every step and says it did not pass). The answers it trains on are relabelled."""
+    from diffgr2_lite import pipeline as pl
+    from diffgr2_lite.config import get_profile
+    from diffgr2_lite.copy_warmup import train_warmup
+    from diffgr2_lite.data.examples import build_examples
+    from diffgr2_lite.data.synthetic import generate_synthetic
 
+    P = get_profile("smoke", synthetic_users=200)
+    ex = build_examples(generate_synthetic(P.synthetic_users, P.synthetic_items, seed=0), P, progress=False)
+    for s in ex.splits:
+        from diffgr2_lite.batches import tokenize_split
 
-def test_training_on_the_copy_task_lowers_the_loss_towards_copying():
-    prompts, codes = toy_task()
-    model = tiny_model(init=0.02)
-    task = CopyTask(prompts, codes, StubTokenizer(), "cpu", seed=0)
-    hist = train_copy(model, task, steps=300, batch_size=32, lr=3e-3, log_every=20)
-    assert hist["loss"][-1] < 0.6 * hist["loss"][0]
-    assert hist["copy_acc"][-1] > hist["copy_acc"][0] + 0.2
-    assert hist["loss"][-1] > hist["floor"] - 0.05              # nothing beats the floor by much (the order is random)
+        ex.splits[s] = tokenize_split(ex.splits[s], ex.tokenizer)
+    rows, held = ex.training_rows(), ex.splits["valid"].select(range(8)).to_list()
+    kw = dict(batch_size=8, lr=1e-3, check_every=3, device="cpu", compile=False)
+    h = train_warmup(pl.new_model(P, ex), rows, ex, held, max_steps=9, gate=0.0, **kw)
+    assert h["steps"] == 3 and h["passed"] and h["val_step"] == [3]
+    h = train_warmup(pl.new_model(P, ex), rows, ex, held, max_steps=7, gate=1.01, **kw)
+    assert h["steps"] == 7 and not h["passed"] and h["val_step"] == [3, 6, 7]
+    assert set(h["final"]) == {"held_out", "train_prompts"} and h["final"]["held_out"]["n"] == 8

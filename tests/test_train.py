@@ -157,6 +157,21 @@ def test_fit_lowers_the_loss_and_logs_every_k_steps():
     assert not model.training
 
 
+def test_fit_stops_at_the_gate():
+    """``stop_at``: training ends at the first validation whose score reaches it (the copy warm-up's gate)."""
+    from diffgr2_lite.ar import sft_terms
+
+    scores = iter([0.2, 0.5, 0.95, 0.99])
+    data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=8, seed=0)
+    trainer = Trainer(tiny_model(init=0.05), lr=1e-3, total_steps=100, log_every=7, device="cpu", progress=False)
+    hist = trainer.fit(data, sft_terms, validate=lambda m: next(scores), validate_every=5, stop_at=0.9,
+                       keep_best=False)
+    assert hist["val_step"] == [5, 10, 15] and hist["steps"] == 15 and hist["step"] == [7, 14, 15]
+    never = Trainer(tiny_model(init=0.05), lr=1e-3, total_steps=12, device="cpu", progress=False)
+    h = never.fit(data, sft_terms, validate=lambda m: 0.0, validate_every=5, stop_at=0.9, keep_best=False)
+    assert h["steps"] == 12 and h["val_step"] == [5, 10, 12]
+
+
 def test_fit_logs_extras_of_a_dict_loss():
     from diffgr2_lite.ar import sft_loss
 

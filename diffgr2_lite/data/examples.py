@@ -50,6 +50,22 @@ class ExampleSet:
     def candidate_sids(self, row) -> list[tuple[str, ...]]:
         return [self.sid_words(c) for c in row["candidates"]]
 
+    def training_rows(self, variant: str = "reasoning"):
+        """The rows every supervised stage trains on: the rejection-sampled examples and the reading examples (whose
+        random pick carries no loss), with the full trace (``reasoning``) or the answer alone (``direct``)."""
+        from datasets import concatenate_datasets
+
+        cols = ["prompt_ids", "completion_ids", "decision_weight", "candidates", "teacher_ranking"]
+        parts = []
+        for split in ("train", "reading"):
+            ds = self.splits[split]
+            if variant == "direct":
+                ds = ds.remove_columns("completion_ids").rename_column("direct_ids", "completion_ids")
+            elif variant != "reasoning":
+                raise ValueError(f"unknown AR variant {variant!r}; valid: reasoning, direct")
+            parts.append(ds.select_columns(cols))
+        return concatenate_datasets(parts)
+
 
 def leave_one_out(sequences: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, list[int], int]],
                                                         list[tuple[int, list[int], int]]]:
