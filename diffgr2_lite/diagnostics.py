@@ -126,3 +126,24 @@ def failure_table(outputs: list[str], rows: list[dict], sid_words) -> dict:
             source[f["copied_from"]] += 1
     return {"n": len(outputs), "invalid": sum(where.values()), "where": dict(where), "kind": dict(kind),
             "level": dict(level), "copied_from": dict(source), "pick_disagrees": disagree}
+
+
+def failure_rows(systems: dict[str, dict], ds, sid_words) -> list[dict]:
+    """One table row per system (name -> scored evaluation on ``ds``): where and how its invalid answers break."""
+    rows = ds.select_columns(["candidates", "history"]).to_list()
+    out = []
+    for name, scored in systems.items():
+        t = failure_table(scored["outputs"], rows, sid_words)
+        n, bad = t["n"], max(1, t["invalid"])
+        row = {"system": name, "invalid": f"{t['invalid'] / max(1, n):.1%}"}
+        for part in ("pick", "rest", "end", "no answer"):
+            row[f"at {part}"] = f"{t['where'].get(part, 0) / bad:.0%}"
+        for kind in ("duplicate", "out_of_set", "stray"):
+            row[kind] = f"{t['kind'].get(kind, 0) / bad:.0%}"
+        oos = max(1, sum(t["level"].values()))
+        row["wrong level (a/b/c)"] = "/".join(f"{t['level'].get(c, 0) / oos:.0%}" for c in "abc")
+        row["copied from cand/hist/none"] = "/".join(f"{t['copied_from'].get(s, 0) / oos:.0%}"
+                                                     for s in ("candidate", "history", "nowhere"))
+        row["answer ≠ pick"] = f"{t['pick_disagrees'] / max(1, n):.1%}"
+        out.append(row)
+    return out

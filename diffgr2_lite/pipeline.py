@@ -232,22 +232,27 @@ def evaluate_ar(profile: Profile, model, ex, stage: str, constrained: bool = Fal
 # ----------------------------------------------------------------------------------------------- diffusion
 def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0, block_size: int | None = None,
                        reference: dict | None = None, split: str = "test", assign: bool = False, write: bool = True,
-                       n: int | None = None) -> dict:
+                       n: int | None = None, sub_block: int | None = None) -> dict:
+    """Decode ``split`` with the block sampler (``sub_block``: left-to-right chunks; ``assign``: the external
+    assignment decoder) and score it; the test split's full evaluation is cached and written as the stage's record."""
     B = block_size or profile.block_size
     ds = ex.splits[split]
     if n is not None:
         ds = ds.select(range(min(n, len(ds))))
     def run():
-        return evaluate(diffusion_decoder(model, ex, profile, tau, B, assign=assign), ds, ex, profile.eval_batch,
-                        profile.device, desc=f"decoding {stage} (B={B}, tau={tau})")
+        return evaluate(diffusion_decoder(model, ex, profile, tau, B, assign=assign, sub_block=sub_block), ds, ex,
+                        profile.eval_batch, profile.device, desc=f"decoding {stage} (B={B}, tau={tau})")
 
     if write and split == "test" and n is None:
-        scored, seconds = _cached(profile, stage, model, {"tau": tau, "B": B, "assign": assign}, run)
+        scored, seconds = _cached(profile, stage, model, {"tau": tau, "B": B, "assign": assign, "sub_block": sub_block},
+                                  run)
     else:
         with art.Timer() as t:
             scored = run()
         seconds = t.s
     extra = {"block_size": B, "tau": tau, "tokens_per_forward": scored["tokens_per_forward"]}
+    if sub_block:
+        extra["sub_block"] = sub_block
     if reference:
         extra["ci95"] = bootstrap_vs(scored, reference, profile.seed)   # on the first n users when n is given
     rec = art.stage_record(stage, profile, scored, scored["n"], profile.device, seconds, extra, split)

@@ -46,7 +46,7 @@ import time
 import weakref
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 
 # ----------------------------------------------------------------------------------------------- schedules
