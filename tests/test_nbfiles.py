@@ -13,8 +13,6 @@ from diffgr2_lite import nbfiles, progress
 from diffgr2_lite.artifacts import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-# executed before finalize-notebooks existed; the next GPU run, finalized, replaces their outputs
-NOT_YET_FINALIZED = {"01_data", "02_ar_gr2", "03_block_diffusion", "04_structural_gap", "05_cft", "06_opd", "07_rl"}
 
 
 # ----------------------------------------------------------------------------------------------- committed files
@@ -28,9 +26,7 @@ def test_committed_metadata_is_what_lab_keeps(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_committed_outputs_read_well_untrusted(path, request):
-    if path.stem in NOT_YET_FINALIZED:
-        request.applymarker(pytest.mark.xfail(reason="outputs from before finalize-notebooks", strict=False))
+def test_committed_outputs_read_well_untrusted(path):
     assert nbfiles.output_problems(nbfiles.read(path)) == []
 
 
