@@ -118,13 +118,16 @@ def train_warmup(model, rows, example_set, held_out: list[dict], *, max_steps: i
                          transform=relabel_transform(tok, example_set.fmt.sid_len, relabel, seed, dev))
     trainer = Trainer(model, lr=lr, total_steps=max_steps, weight_decay=0.01, log_every=50, device=device,
                       compile=compile, desc=desc)
-    hist = trainer.fit(data, sft_terms, keep_best=False, stop_at=gate, validate_every=check_every,
-                       validate=lambda m: answer_validity(m, held_out, example_set, dev)["valid"])
+    last = {}                        # the latest gate check: fit always checks at its last step (or stops at one)
+
+    def gate_score(m) -> float:
+        last.update(answer_validity(m, held_out, example_set, dev))
+        return last["valid"]
+
+    hist = trainer.fit(data, sft_terms, keep_best=False, stop_at=gate, validate_every=check_every, validate=gate_score)
     hist["passed"] = bool(hist["val"]) and hist["val"][-1] >= gate
     hist["gate"] = gate
     train_rows = rows.select(range(min(len(held_out), len(rows)))).to_list() if hasattr(rows, "select") else \
         rows[:len(held_out)]
-    model.eval()
-    hist["final"] = {"held_out": answer_validity(model, held_out, example_set, dev),
-                     "train_prompts": answer_validity(model, train_rows, example_set, dev)}
+    hist["final"] = {"held_out": dict(last), "train_prompts": answer_validity(model, train_rows, example_set, dev)}
     return hist
