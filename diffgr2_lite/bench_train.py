@@ -292,14 +292,14 @@ def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20,
     if "copy_warmup" in stages:                        # the warm-up: answer-only loss on relabelled rows
         warm_data = DeviceBatches(ex.training_rows(), tok, batch_size=P.copy_batch, lambda_r=0.0, lambda_o=1.0,
                                   seed=P.seed, device=dev,
-                                  transform=relabel_transform(tok, ex.fmt.sid_len, 1.0, P.seed, dev))
+                                  transform=relabel_transform(tok, ex.fmt, 1.0, P.seed, dev))
         attempt("copy_warmup", lambda: _supervised("copy_warmup", "after", model, warm_data, sft_terms, "ar", dims,
                                                    compile=compile_on, **sft_steps))
     if "cft" in stages:
         cft_data = DeviceBatches(ex.training_rows(), tok, batch_size=P.batch_size, lambda_r=P.lambda_reasoning,
                                  lambda_o=P.lambda_answer, buckets=P.length_buckets, seed=P.seed, device=dev,
                                  multiple_of=P.block_size,
-                                 transform=relabel_transform(tok, ex.fmt.sid_len, P.relabel_share, P.seed, dev))
+                                 transform=relabel_transform(tok, ex.fmt, P.relabel_share, P.seed, dev, P.collide_share))
         for c in sorted({False, compile_on}):
             attempt(f"cft compile={c}", lambda c=c: _supervised("cft", "after", model, cft_data,
                                                                 cft_loss_fn(P, ex), "cft", dims, compile=c,

@@ -58,8 +58,8 @@ def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: floa
     lambda_r = profile.lambda_answer if s["answer_weighted_reasoning"] else profile.lambda_reasoning
     hist = train_supervised(model, ex.training_rows(), ex.tokenizer,
                             loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
-                            transform=relabel_transform(ex.tokenizer, ex.fmt.sid_len, profile.relabel_share,
-                                                        profile.seed + 2, process_device(profile.device)),
+                            transform=relabel_transform(ex.tokenizer, ex.fmt, profile.relabel_share, profile.seed + 2,
+                                                        process_device(profile.device), profile.collide_share),
                             epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr),
                             batch_size=profile.batch_size, grad_accum=profile.grad_accum,
                             buckets=profile.length_buckets, compile=profile.compile,

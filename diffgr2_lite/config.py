@@ -57,6 +57,7 @@ class Profile:
     copy_check_every: int = 50        # warm-up steps between two gate checks
     copy_relabel: float = 1.0         # warm-up rows whose SID codes are relabelled (1: all; 0 only to measure why)
     relabel_share: float = 0.5        # SFT and CFT rows whose SID codes are relabelled (kept copying, not recalling)
+    collide_share: float = 0.0        # further rows relabelled so that SID prefixes collide (copy by label, not prefix)
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
     batch_size: int = 32
@@ -199,7 +200,8 @@ FIELD_RANGES = {
     "teacher_tries": AT_LEAST_1, "teacher_temperature": POSITIVE,
     "model.hidden": AT_LEAST_1, "model.layers": AT_LEAST_1, "model.heads": AT_LEAST_1, "model.intermediate": AT_LEAST_1,
     "copy_batch": AT_LEAST_1, "copy_lr": POSITIVE, "copy_gate": FRACTION, "copy_check_every": AT_LEAST_1,
-    "relabel_share": FRACTION, "copy_relabel": FRACTION, "grad_accum": AT_LEAST_1, "length_buckets": AT_LEAST_1,
+    "relabel_share": FRACTION, "collide_share": FRACTION, "copy_relabel": FRACTION, "grad_accum": AT_LEAST_1,
+    "length_buckets": AT_LEAST_1,
     "ar_epochs": POSITIVE, "ar_lr": POSITIVE, "batch_size": AT_LEAST_1, "eval_batch": AT_LEAST_1,
     "block_size": AT_LEAST_1, "cft_epochs": POSITIVE, "cft_lr": POSITIVE, "cft_ablation_epochs": POSITIVE,
     "sweep_n": AT_LEAST_1, "opd_tau": THRESHOLD, "opd_prompts": AT_LEAST_1, "opd_rollouts": AT_LEAST_1,
@@ -222,6 +224,9 @@ def validate_profile(profile: Profile) -> Profile:
     if profile.model.hidden % profile.model.heads:
         raise ConfigError(f"profile field model.hidden={profile.model.hidden} must be a multiple of "
                           f"model.heads={profile.model.heads}")
+    if profile.relabel_share + profile.collide_share > 1:
+        raise ConfigError(f"profile fields relabel_share={profile.relabel_share} and collide_share="
+                          f"{profile.collide_share} are shares of the same rows: their sum must be at most 1")
     return profile
 
 

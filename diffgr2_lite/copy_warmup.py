@@ -30,22 +30,56 @@ from .text import ANSWER
 
 
 # ----------------------------------------------------------------------------------------------- relabelling
+COLLIDE_CODES = 3        # a colliding row's codes at every level but the last are squeezed onto this many codes
+
+
+def _renamed(ids: torch.Tensor, ranges: list[tuple[int, int]], generator, collide: bool) -> torch.Tensor:
+    """Every row's SID codes renamed through a fresh random map per level: a bijection, or (``collide``) a map of each
+    level but the last onto :data:`COLLIDE_CODES` codes, so that many items share their SID prefix."""
+    n, out = ids.shape[0], ids.clone()
+    for level, (first, count) in enumerate(ranges):
+        target = torch.rand(n, count, generator=generator, device=ids.device).argsort(1)       # a random order
+        if collide and level < len(ranges) - 1:
+            slot = torch.randint(0, min(COLLIDE_CODES, count), (n, count), generator=generator, device=ids.device)
+            target = target.gather(1, slot)                     # each code -> one of the order's first few codes
+        in_level = (ids >= first) & (ids < first + count)
+        out = torch.where(in_level, target.gather(1, (ids - first).clamp(0, count - 1)) + first, out)
+    return out
+
+
 def relabel_sids(prompt: torch.Tensor, completion: torch.Tensor, ranges: list[tuple[int, int]],
-                 generator: torch.Generator | None = None, share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rename every SID code of a row through one random bijection per level, in the prompt and completion alike.
+                 generator: torch.Generator | None = None, share: float = 1.0, collide: float = 0.0,
+                 candidate_positions: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rename every SID code of a row through one random map per level, in the prompt and completion alike.
 
     ``ranges``: (first token id, count) of each SID level (:func:`text.sid_token_ranges`). A ``share`` of the rows is
-    relabelled (the others are returned unchanged). The ranking, the labels and every word stay the same; only which
-    codes name which item changes, so a row can no longer be answered from memory of its items: the model must copy.
+    relabelled through bijections; the ranking, the labels and every word stay, only which codes name which item
+    changes, so a row can no longer be answered from memory of its items: the model must copy.
+
+    A further ``collide`` share of rows gets *colliding* maps (``candidate_positions``: the prompt positions of each
+    candidate's SID, :attr:`text.PromptFormat.candidate_sid_positions`): every level but the last is squeezed onto a
+    few codes, so the candidates and history items share SID prefixes far more often than real ones do. After
+    ``[k] <a_1> <b_2>`` the next code can then only be found by following the label ``[k]`` back to its candidate,
+    not by matching the prefix just written (a model that copies by prefix writes the code of another item that
+    shares it: the failure real prompts show at the last level). A colliding row whose candidates would no longer be
+    distinct falls back to a bijection. Rows not drawn are returned unchanged.
     """
     n = prompt.shape[0]
     ids = torch.cat([prompt, completion], 1)
-    out = ids.clone()
-    rows = torch.rand(n, generator=generator, device=ids.device) < share
-    for first, count in ranges:
-        perm = torch.rand(n, count, generator=generator, device=ids.device).argsort(1) + first
-        in_level = (ids >= first) & (ids < first + count) & rows[:, None]
-        out = torch.where(in_level, perm.gather(1, (ids - first).clamp(0, count - 1)), out)
+    u = torch.rand(n, generator=generator, device=ids.device)
+    hard = u < collide
+    plain = (u >= collide) & (u < collide + share)
+    bijective = _renamed(ids, ranges, generator, collide=False)
+    if bool(hard.any()):
+        if candidate_positions is None:
+            raise ValueError("colliding relabelling needs the candidates' SID positions in the prompt")
+        squeezed = _renamed(ids, ranges, generator, collide=True)
+        sids = squeezed[:, torch.as_tensor(candidate_positions, device=ids.device)]              # [n, N, levels]
+        clash = (sids[:, :, None] == sids[:, None]).all(-1).sum((1, 2)) > sids.shape[1]
+        plain = plain | (hard & clash)
+        hard = hard & ~clash
+        ids = torch.where(hard[:, None], squeezed, ids)
+    out = torch.where(plain[:, None], bijective, ids)
     return out[:, :prompt.shape[1]], out[:, prompt.shape[1]:]
 
 
@@ -83,19 +117,21 @@ def answer_validity(model, rows: list[dict], example_set, device, batch_size: in
 
 
 # ----------------------------------------------------------------------------------------------- the warm-up
-def relabel_transform(tokenizer, levels: int, share: float, seed: int = 0, device="cpu"):
-    """A :class:`~diffgr2_lite.batches.DeviceBatches` transform relabelling a ``share`` of each batch's rows."""
+def relabel_transform(tokenizer, fmt, share: float, seed: int = 0, device="cpu", collide: float = 0.0):
+    """A :class:`~diffgr2_lite.batches.DeviceBatches` transform relabelling a ``share`` of each batch's rows through
+    bijections and a ``collide`` share through colliding maps (:func:`relabel_sids`); ``fmt``: the prompt format."""
     from .batches import Batch
     from .text import sid_token_ranges
 
-    ranges = sid_token_ranges(tokenizer, levels)
+    ranges = sid_token_ranges(tokenizer, fmt.sid_len)
+    positions = fmt.candidate_sid_positions
     gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
 
     def transform(b: Batch) -> Batch:
-        prompt, completion = relabel_sids(b.prompt, b.completion, ranges, gen, share)
+        prompt, completion = relabel_sids(b.prompt, b.completion, ranges, gen, share, collide, positions)
         return Batch(prompt, completion, b.weight, b.is_answer, b.length)
 
-    return transform if share > 0 else None
+    return transform if share > 0 or collide > 0 else None
 
 
 def train_warmup(model, rows, example_set, held_out: list[dict], *, max_steps: int, batch_size: int, lr: float,
@@ -115,7 +151,7 @@ def train_warmup(model, rows, example_set, held_out: list[dict], *, max_steps: i
     tok = example_set.tokenizer
     dev = process_device(device)
     data = DeviceBatches(rows, tok, batch_size=batch_size, lambda_r=0.0, lambda_o=1.0, seed=seed, device=dev,
-                         transform=relabel_transform(tok, example_set.fmt.sid_len, relabel, seed, dev))
+                         transform=relabel_transform(tok, example_set.fmt, relabel, seed, dev))
     trainer = Trainer(model, lr=lr, total_steps=max_steps, weight_decay=0.01, log_every=50, device=device,
                       compile=compile, desc=desc)
     last = {}                        # the latest gate check: fit always checks at its last step (or stops at one)

@@ -186,8 +186,8 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     max_new = max_completion_len(train_ds) + 8
     cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, batch_size=profile.batch_size,
                lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer,
-               transform=relabel_transform(tok, ex.fmt.sid_len, profile.relabel_share, profile.seed + 1,
-                                           process_device(profile.device)))
+               transform=relabel_transform(tok, ex.fmt, profile.relabel_share, profile.seed + 1,
+                                           process_device(profile.device), profile.collide_share))
     cfg.update(_engine(profile))
     cfg.update(overrides)
     hist = train_supervised(model, train_ds, tok, loss_fn=sft_terms, device=profile.device, seed=profile.seed,

@@ -84,6 +84,13 @@ class PromptFormat:
         return 7 + self.history_len * self.item_len + self.n_candidates * (self.item_len + 1)
 
     @property
+    def candidate_sid_positions(self) -> list[list[int]]:
+        """Prompt positions of each candidate's SID codes (the prompt is fixed-length, one token per word)."""
+        first = 4 + self.history_len * self.item_len + 2          # <bos> <user> history : [items] candidates :
+        return [[first + k * (self.item_len + 1) + 1 + j for j in range(self.sid_len)]
+                for k in range(self.n_candidates)]
+
+    @property
     def answer_len(self) -> int:
         return 2 + self.n_candidates * (self.sid_len + 1) + 1  # <answer> ([k] SID) x N </answer> <eos>
 

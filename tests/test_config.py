@@ -56,3 +56,9 @@ def test_a_new_numeric_field_gets_a_default_range():
         validate_profile(Extended(**smoke, train_speed_steps=-1))
     with pytest.raises(ConfigError, match=r"train_speed_lr='fast' is invalid: must be a number >= 0"):
         validate_profile(Extended(**smoke, train_speed_lr="fast"))
+
+
+def test_relabelled_shares_cannot_exceed_the_rows():
+    assert get_profile("smoke", relabel_share=0.5, collide_share=0.5).collide_share == 0.5
+    with pytest.raises(ConfigError, match="relabel_share=0.75 and collide_share=0.5"):
+        get_profile("smoke", relabel_share=0.75, collide_share=0.5)

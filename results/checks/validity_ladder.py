@@ -3,7 +3,9 @@
     DIFFGR2_RUNS=/tmp/runs_<v> python results/checks/validity_ladder.py <variant> <out.json>
 
 Variants (profile overrides of ``full``): ``recipe`` (the profile as committed), ``lr3e-4`` (SFT at a lower learning
-rate), ``no_relabel`` (no SID relabelling in the warm-up, SFT or CFT), ``no_warmup`` (SFT from random weights).
+rate), ``no_relabel`` (no SID relabelling in the warm-up, SFT or CFT), ``no_warmup`` (SFT from random weights);
+``collide25`` / ``collide50`` (no warm-up; a quarter of the SFT and CFT rows relabelled through bijections and a
+quarter / half through colliding maps that make SID prefixes shared, copy_warmup.relabel_sids).
 Each trains the copy warm-up, SFT and CFT, then decodes validation users 256..1255 (the first 256 gate the warm-up):
 AR free and constrained, the naive conversion, CFT at tau 1.0 / block 32 with and without 8-token sub-blocks, each
 with its failure table (diagnostics.failure_table). Several variants run side by side on one GPU.
@@ -22,7 +24,9 @@ from diffgr2_lite.diagnostics import failure_table
 from diffgr2_lite.evaluate import evaluate, first_pick_probe
 
 VARIANTS = {"recipe": {}, "lr3e-4": {"ar_lr": 3e-4}, "no_relabel": {"relabel_share": 0.0, "copy_relabel": 0.0},
-            "no_warmup": {"copy_steps": 0}}
+            "no_warmup": {"copy_steps": 0},
+            "collide25": {"copy_steps": 0, "relabel_share": 0.25, "collide_share": 0.25},
+            "collide50": {"copy_steps": 0, "relabel_share": 0.25, "collide_share": 0.5}}
 variant, out = sys.argv[1], sys.argv[2]
 P = get_profile(os.environ.get("PROF", "full"), **VARIANTS[variant])
 t0 = time.time()
@@ -45,7 +49,8 @@ def summary(scored, name):
 model, hist = pl.get_ar(P, ex, "reasoning")
 warm = hist.get("copy_warmup") or {}
 res["warmup"] = {k: warm.get(k) for k in ("steps", "passed", "val_step", "val", "final", "seconds")}
-res["sft"] = {"steps": hist["steps"], "seconds": hist["seconds"], "val": hist["val"], "loss_last": hist["loss"][-1]}
+res["sft"] = {"steps": hist["steps"], "seconds": hist["seconds"], "val": hist["val"], "loss_last": hist["loss"][-1],
+              "loss": hist["loss"], "loss_step": hist.get("step")}
 print("trained AR", json.dumps(res["warmup"]), f"{time.time() - t0:.0f}s", flush=True)
 max_new = pl.ar_max_new(ex)
 summary(evaluate(ar_decoder(model, ex, max_new, False, P.device), val, ex, P.eval_batch, P.device), "ar_free")
