@@ -56,8 +56,8 @@ class Profile:
     copy_gate: float = 0.99           # stop the warm-up once held-out answers are this often valid
     copy_check_every: int = 50        # warm-up steps between two gate checks
     copy_relabel: float = 1.0         # warm-up rows whose SID codes are relabelled (1: all; 0 only to measure why)
-    relabel_share: float = 0.5        # SFT and CFT rows whose SID codes are relabelled (kept copying, not recalling)
-    collide_share: float = 0.0        # further rows relabelled so that SID prefixes collide (copy by label, not prefix)
+    relabel_share: float = 0.25       # SFT and CFT rows whose SID codes are relabelled (kept copying, not recalling)
+    collide_share: float = 0.25       # further rows relabelled so that SID prefixes collide (copy by label, not prefix)
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
     batch_size: int = 32
@@ -118,7 +118,7 @@ PROFILES: dict[str, Profile] = {
         synthetic_users=20000, synthetic_items=1200, max_eval=2000, train_positions=50,
         sid_levels=(256, 64), title_words=2,
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
-        reading_ratio=3.0, copy_steps=0, copy_batch=256, copy_check_every=250, ar_epochs=10.0, ar_lr=1e-3,
+        reading_ratio=3.0, copy_steps=0, copy_batch=256, copy_check_every=250, ar_epochs=12.0, ar_lr=1e-3,
         cft_epochs=3.0, cft_lr=3e-4, compile=False,
         batch_size=128, eval_batch=512,
         cft_ablation_epochs=0.5, sweep_n=256,
