@@ -84,13 +84,15 @@ def active_injected_cells(nb) -> list[int]:
     return out
 
 
+def _code_cells(nb):
+    return (cell for cell in nb["cells"] if cell["cell_type"] == "code")
+
+
 def strip_widgets(nb) -> bool:
     """Replace widget-view outputs (see the module doc) and drop the widget state. Returns whether it changed."""
     state = nb["metadata"].get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     changed = False
-    for cell in nb["cells"]:
-        if cell["cell_type"] != "code":
-            continue
+    for cell in _code_cells(nb):
         outs = []
         for out in cell.get("outputs", []):
             data = out.get("data", {})
@@ -148,9 +150,7 @@ def _looks_like_bar(data: dict) -> bool:
 def merge_streams(nb) -> bool:
     """Merge consecutive stream outputs of one name and resolve carriage returns, as JupyterLab does on load."""
     changed = False
-    for cell in nb["cells"]:
-        if cell["cell_type"] != "code":
-            continue
+    for cell in _code_cells(nb):
         outs = []
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream" and outs and outs[-1].get("output_type") == "stream" \
