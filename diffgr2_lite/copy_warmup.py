@@ -49,7 +49,8 @@ def _renamed(ids: torch.Tensor, ranges: list[tuple[int, int]], generator, collid
 
 def relabel_sids(prompt: torch.Tensor, completion: torch.Tensor, ranges: list[tuple[int, int]],
                  generator: torch.Generator | None = None, share: float = 1.0, collide: float = 0.0,
-                 candidate_positions: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 candidate_positions: list[list[int]] | torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rename every SID code of a row through one random map per level, in the prompt and completion alike.
 
     ``ranges``: (first token id, count) of each SID level (:func:`text.sid_token_ranges`). A ``share`` of the rows is
@@ -62,7 +63,8 @@ def relabel_sids(prompt: torch.Tensor, completion: torch.Tensor, ranges: list[tu
     ``[k] <a_1> <b_2>`` the next code can then only be found by following the label ``[k]`` back to its candidate,
     not by matching the prefix just written (a model that copies by prefix writes the code of another item that
     shares it: the failure real prompts show at the last level). A colliding row whose candidates would no longer be
-    distinct falls back to a bijection. Rows not drawn are returned unchanged.
+    distinct falls back to a bijection. Rows not drawn are returned unchanged. Nothing is read back to the host, so a
+    training step that relabels its batch never waits for the GPU.
     """
     n = prompt.shape[0]
     ids = torch.cat([prompt, completion], 1)
@@ -70,7 +72,7 @@ def relabel_sids(prompt: torch.Tensor, completion: torch.Tensor, ranges: list[tu
     hard = u < collide
     plain = (u >= collide) & (u < collide + share)
     bijective = _renamed(ids, ranges, generator, collide=False)
-    if bool(hard.any()):
+    if collide > 0:
         if candidate_positions is None:
             raise ValueError("colliding relabelling needs the candidates' SID positions in the prompt")
         squeezed = _renamed(ids, ranges, generator, collide=True)
@@ -124,7 +126,7 @@ def relabel_transform(tokenizer, fmt, share: float, seed: int = 0, device="cpu",
     from .text import sid_token_ranges
 
     ranges = sid_token_ranges(tokenizer, fmt.sid_len)
-    positions = fmt.candidate_sid_positions
+    positions = torch.tensor(fmt.candidate_sid_positions, device=torch.device(device))     # moved to the device once
     gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
 
     def transform(b: Batch) -> Batch:
