@@ -25,15 +25,13 @@ def runs_dir(profile_name: str, dataset: str | None = None) -> Path:
     return root / (profile_name if dataset is None else f"{profile_name}-{dataset}")
 
 
-def stage_dir(profile, stage: str, create: bool = True) -> Path:
-    """``runs/<profile>/<stage>``; ``create=False`` for a caller that may fail before writing (no empty folder left)."""
+def stage_dir(profile, stage: str) -> Path:
+    """``runs/<profile>/<stage>``. Not created here: every writer creates its parent folder (:func:`atomic_write_text`,
+    :func:`atomic_dir`), so reading, or failing before the first write, leaves no empty folder."""
     from .config import PROFILES
 
     default = PROFILES[profile.name].dataset if profile.name in PROFILES else None
-    d = runs_dir(profile.name, None if profile.dataset == default else profile.dataset) / stage
-    if create:
-        d.mkdir(parents=True, exist_ok=True)
-    return d
+    return runs_dir(profile.name, None if profile.dataset == default else profile.dataset) / stage
 
 
 def _umask() -> int:

@@ -333,7 +333,6 @@ def main_bench(argv=None) -> int:
     (trained model, accuracy beside speed) is :func:`benchmark`, run by the speed stage.
     """
     import argparse
-    import json
 
     from .fast import speed_model
 
@@ -382,8 +381,9 @@ def main_bench(argv=None) -> int:
             results["runs"].append({"batch": batch, "graphs": graphs, "rows": res,
                                     "wall_s": time.perf_counter() - t0})
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(speed_record(results.pop("runs"), a.device, **results), f, indent=1)
+        from .artifacts import atomic_write_json
+
+        atomic_write_json(a.out, speed_record(results.pop("runs"), a.device, **results))
     return 0
 
 

@@ -75,7 +75,7 @@ def _get_examples(profile: Profile, rebuild: bool = False, progress: bool = True
     from .data.semantic_ids import SemanticIds
     from .text import PromptFormat, load_tokenizer
 
-    d = art.stage_dir(profile, "data", create=False)     # created by the first write: a missing dataset leaves none
+    d = art.stage_dir(profile, "data")                    # created by the first write: a missing dataset leaves none
     key = profile_hash(profile, *DATA_FIELDS)
     meta_path = d / "meta.json"
     if not rebuild and meta_path.exists():
