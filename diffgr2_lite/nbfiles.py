@@ -241,14 +241,29 @@ def dumps(nb) -> str:
     return s if s.endswith("\n") else s + "\n"
 
 
-def finalize_file(src: str | Path, dst: str | Path | None = None) -> bool:
-    """Finalize one notebook file into ``dst`` (default: in place). Returns whether ``dst`` changed."""
+def run_failed(nb) -> bool:
+    """Whether papermill recorded a failed run in ``nb``: a cell raised, or the run stopped before a cell."""
+    if nb.get("metadata", {}).get("papermill", {}).get("exception"):
+        return True
+    return any(c.get("metadata", {}).get("papermill", {}).get("status", "completed") != "completed"
+               for c in nb["cells"])
+
+
+def _executed(path: Path):
+    """The notebook at ``path``, refused (ValueError) when its run failed: a failed run never replaces a notebook."""
+    nb = read(path)
+    if run_failed(nb):
+        raise ValueError(f"{path}: this run failed (papermill recorded an error); run it again before finalizing. "
+                         "Nothing was written")
+    return nb
+
+
+def _write_finalized(nb, dst: Path) -> bool:
     import nbformat
 
     from .artifacts import atomic_write_text
 
-    dst = Path(dst or src)
-    nb = finalize_notebook(read(src))
+    nb = finalize_notebook(nb)
     nbformat.validate(nb)
     text = dumps(nb)
     if dst.exists() and dst.read_text(encoding="utf-8") == text:
@@ -257,17 +272,26 @@ def finalize_file(src: str | Path, dst: str | Path | None = None) -> bool:
     return True
 
 
+def finalize_file(src: str | Path, dst: str | Path | None = None) -> bool:
+    """Finalize one notebook file into ``dst`` (default: in place). Returns whether ``dst`` changed."""
+    return _write_finalized(_executed(Path(src)), Path(dst or src))
+
+
 def finalize_dir(src_dir: str | Path, dst_dir: str | Path) -> list[Path]:
-    """Finalize every ``NN_*.ipynb`` of ``src_dir`` into ``dst_dir`` (e.g. a papermill output dir into notebooks/)."""
+    """Finalize every ``NN_*.ipynb`` of ``src_dir`` into ``dst_dir`` (e.g. a papermill output dir into notebooks/).
+
+    Every notebook is read and checked first, so one failed run leaves all of ``dst_dir`` as it was."""
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     files = sorted(src_dir.glob("[0-9][0-9]_*.ipynb"))
     if not files:
         raise FileNotFoundError(f"no executed notebooks (NN_*.ipynb) in {src_dir}")
+    notebooks = [(_executed(f), dst_dir / f.name) for f in files]
     written = []
-    for f in files:
-        if finalize_file(f, dst_dir / f.name):
-            written.append(dst_dir / f.name)
-        print(f"{'finalized' if dst_dir / f.name in written else 'unchanged'}: {dst_dir / f.name}")
+    for nb, dst in notebooks:
+        changed = _write_finalized(nb, dst)
+        if changed:
+            written.append(dst)
+        print(f"{'finalized' if changed else 'unchanged'}: {dst}")
     return written
 
 

@@ -261,3 +261,26 @@ def test_scrubber_reads_as_text_where_it_cannot_render():
     assert bundle["text/plain"].startswith("(interactive scrubber") and len(bundle["text/plain"]) <= 110
     w.children[0].value = 2
     w.close()
+
+
+def test_a_failed_run_is_never_finalized(tmp_path):
+    """papermill writes a failed run's notebook too; finalizing it must refuse and leave every destination as it was."""
+    import nbformat
+
+    def executed(name, exception):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+        nb.metadata["papermill"] = {"exception": exception}
+        nb.cells[0].metadata["papermill"] = {"status": "failed" if exception else "completed"}
+        nbformat.write(nb, str(tmp_path / "run" / name))
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "dst").mkdir()
+    executed("01_a.ipynb", False)
+    executed("02_b.ipynb", True)
+    for name in ("01_a.ipynb", "02_b.ipynb"):
+        (tmp_path / "dst" / name).write_text("committed")
+    with pytest.raises(ValueError, match="02_b.ipynb: this run failed"):
+        nbfiles.finalize_dir(tmp_path / "run", tmp_path / "dst")
+    assert [(tmp_path / "dst" / n).read_text() for n in ("01_a.ipynb", "02_b.ipynb")] == ["committed"] * 2
+    with pytest.raises(ValueError, match="this run failed"):
+        nbfiles.finalize_file(tmp_path / "run" / "02_b.ipynb", tmp_path / "dst" / "02_b.ipynb")
