@@ -27,6 +27,10 @@ RESULT_STAGES = ("retriever", "teacher", "ar_direct", "ar", "ar_constrained", "n
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+class RunFailed(RuntimeError):
+    """A notebook of the series raised: the message names it, the cell and the error (exit status 1)."""
+
+
 def run_notebooks(profile_name: str, only: list[str] | None = None, out_dir: str | None = None) -> Path:
     import os
 
@@ -51,34 +55,18 @@ def run_notebooks(profile_name: str, only: list[str] | None = None, out_dir: str
     for nb in notebooks:
         t0 = time.time()
         print(f"== {nb.name} (profile {profile.name})", flush=True)
-        pm.execute_notebook(str(nb), str(out / nb.name), parameters={"profile": profile.name},
-                            kernel_name="python3", cwd=str(NOTEBOOK_DIR),
-                            progress_bar={"desc": f"   {nb.stem}", "unit": "cell"},
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])   # not its TCP warning
-        mark_injected_cells(out / nb.name)
+        try:
+            pm.execute_notebook(str(nb), str(out / nb.name), parameters={"profile": profile.name},
+                                kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+                                progress_bar={"desc": f"   {nb.stem}", "unit": "cell"},
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])   # not its TCP warning
+        except pm.PapermillExecutionError as exc:
+            raise RunFailed(f"{nb.name} failed in cell [{exc.exec_count}]: {exc.ename}: {exc.evalue}\n"
+                            f"the executed notebook, with the traceback, is {out / nb.name}") from None
         print(f"   done in {time.time() - t0:.0f} s", flush=True)
     print(f"\nexecuted notebooks: {out}\nstage artifacts and metrics: {art.runs_dir(profile.name)}\n"
           f"to commit them: python -m diffgr2_lite finalize-notebooks {out}")
     return out
-
-
-def mark_injected_cells(path: Path) -> None:
-    """Tag papermill's injected-parameters cell ``nbval-skip``.
-
-    An executed notebook that is committed (e.g. with full-profile outputs) still carries ``profile = "full"`` in that
-    cell; nbval must not run it, so CI keeps the smoke profile it sets through ``DIFFGR2_PROFILE``.
-    """
-    import nbformat
-
-    nb = nbformat.read(str(path), as_version=4)
-    changed = False
-    for cell in nb.cells:
-        tags = cell.metadata.get("tags", [])
-        if "injected-parameters" in tags and "nbval-skip" not in tags:
-            cell.metadata["tags"] = [*tags, "nbval-skip"]
-            changed = True
-    if changed:
-        art.atomic_write_text(path, nbformat.writes(nb))
 
 
 def collect_results(profile_name: str) -> Path:
@@ -94,7 +82,7 @@ def collect_results(profile_name: str) -> Path:
     runs = {s: src / s / "metrics.json" for s in stages if (src / s / "metrics.json").exists()}
     kept = {s: dst / f"{s}.json" for s in stages if s not in runs and (dst / f"{s}.json").exists()}
     records = {s: art.check_result(f, s) for s, f in {**kept, **runs}.items()}
-    table = results_table(dst, records) if profile_name == "full" else None
+    table = results_table(records) if profile_name == "full" else None
     for stage, f in runs.items():
         art.atomic_write_text(dst / f"{stage}.json", f.read_text())
     print(f"copied {len(runs)} stage files into {dst}: {', '.join(runs) or 'none'}")
@@ -105,14 +93,9 @@ def collect_results(profile_name: str) -> Path:
     return dst
 
 
-def results_table(result_dir: Path, records: dict | None = None) -> str:
-    """The markdown table of every stage found in ``result_dir`` (generated, never typed by hand).
-
-    ``records`` (stage -> record, ``speed`` included) stands in for the files, so the table exists before they do.
-    """
-    if records is None:
-        files = {s: result_dir / f"{s}.json" for s in (*RESULT_STAGES, "speed")}
-        records = {s: art.read_json(f) for s, f in files.items() if f.exists()}
+def results_table(records: dict) -> str:
+    """The markdown table of every stage in ``records`` (stage -> checked run record, ``speed`` included): generated
+    from the run files, never typed by hand."""
     rows, meta = [], None
     names = {"retriever": "retriever order (floor)", "teacher": "programmatic teacher", "ar_direct": "AR, no reasoning",
              "ar": "AR GR2 (free decoding)", "ar_constrained": "AR GR2 (constrained decoding)",
@@ -235,6 +218,9 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

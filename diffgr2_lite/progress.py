@@ -76,9 +76,6 @@ def tqdm(*args, **kwargs):
     return _auto_tqdm(*args, **kwargs)
 
 
-tqdm.write = _std_tqdm.write
-
-
 def quiet_library_bars() -> None:
     """Switch off the progress bars of transformers, datasets and huggingface_hub (already imported or not)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -238,11 +238,12 @@ def run_findings(records: dict, source: str = "") -> str:
     if not any("metrics" in r or "rows" in r for r in records.values()):
         return (f"No measurements yet{' in `' + source + '`' if source else ''}: this cell reads the metrics that "
                 "notebooks 01–08 save. Run them (or `make tutorial`), then run this cell again.")
-    first = next(r for r in records.values() if "metrics" in r)
-    dates = sorted(r["created"][:10] for r in records.values() if r.get("created"))
+    first = next((r for r in records.values() if "metrics" in r), {})      # none when only the speed was measured
+    dates = sorted(r["created"][:10] for r in records.values() if r.get("created")) or ["(undated)"]
     devices = sorted({r["device"] for r in records.values() if r.get("device")})
-    head = (f"*(profile `{first.get('profile')}`, {first.get('dataset')}, {first.get('n_eval')} test users; "
-            f"{', '.join(devices)}; measured {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
+    users = f"profile `{first.get('profile')}`, {first.get('dataset')}, {first.get('n_eval')} test users; " if first \
+        else ""
+    head = (f"*({users}{', '.join(devices)}; measured {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
             + (f"; read from `{source}`" if source else "") + ".)*")
     if first.get("profile") == "smoke":
         head += "\n\n*Smoke profile: a tiny model on a small synthetic set. These numbers only show the plumbing works.*"

@@ -30,7 +30,7 @@ def test_results_table_is_generated_from_the_files(tmp_path):
     (tmp_path / "retriever.json").write_text(json.dumps(_record(0.25, 1.0)))
     (tmp_path / "cft.json").write_text(json.dumps(_record(0.3125, 0.5, block_size=32, tau=1.0, ci95={
         "recall@1": {"diff": 0.01, "lo": -0.02, "hi": 0.04}})))
-    table = results_table(tmp_path)
+    table = results_table({f.stem: json.loads(f.read_text()) for f in tmp_path.glob("*.json")})
     assert "Test users: 7" in table and "GPU X" in table
     assert "| retriever order (floor) | 0.2500 |" in table
     assert "| + CFT | 0.3125 |" in table and "0.1562" in table          # strict R@1 = 0.3125 * 0.5
@@ -39,7 +39,7 @@ def test_results_table_is_generated_from_the_files(tmp_path):
 
 
 def test_results_table_without_results(tmp_path):
-    assert "No results yet" in results_table(tmp_path)
+    assert "No results yet" in results_table({})
 
 
 # ----------------------------------------------------------------------------------------------- `results` on bad input

@@ -161,9 +161,9 @@ def test_tutorial_runner_shows_cells_and_silences_the_kernel(monkeypatch, tmp_pa
     from diffgr2_lite import __main__ as cli
 
     calls = []
-    fake = types.SimpleNamespace(execute_notebook=lambda src, dst, **kw: calls.append((src, dst, kw)))
+    fake = types.SimpleNamespace(execute_notebook=lambda src, dst, **kw: calls.append((src, dst, kw)),
+                                 PapermillExecutionError=RuntimeError)
     monkeypatch.setitem(sys.modules, "papermill", fake)
-    monkeypatch.setattr(cli, "mark_injected_cells", lambda path: None)
     monkeypatch.delenv("DIFFGR2_PLAIN_PROGRESS", raising=False)
     cli.run_notebooks("smoke", ["00", "01", "08"], str(tmp_path))
     assert [c[0].rsplit("/", 1)[-1][:2] for c in calls] == ["01", "08", "00"]
@@ -250,6 +250,8 @@ def test_findings_are_read_from_records():
     assert "2.50× at τ 0.9" in text and "**is met**" in text and "Not measured yet: teacher" in text
     rows[1]["valid_rate"] = 0.9
     assert "**is not met**" in " ".join(speed_findings(rows))
+    only_speed = run_findings({"speed": {"device": "GPU", "created": "2026-01-03", "rows": rows}})   # notebook 08 alone
+    assert "measured 2026-01-03" in only_speed and "2.50× at τ 0.9" in only_speed and "test users" not in only_speed
 
 
 def test_scrubber_reads_as_text_where_it_cannot_render():
@@ -284,3 +286,24 @@ def test_a_failed_run_is_never_finalized(tmp_path):
     assert [(tmp_path / "dst" / n).read_text() for n in ("01_a.ipynb", "02_b.ipynb")] == ["committed"] * 2
     with pytest.raises(ValueError, match="this run failed"):
         nbfiles.finalize_file(tmp_path / "run" / "02_b.ipynb", tmp_path / "dst" / "02_b.ipynb")
+
+
+def test_a_failing_notebook_is_named_in_one_line(monkeypatch, tmp_path, capsys):
+    """A notebook that raises ends ``notebooks`` with exit status 1 and one line naming it, the cell and the error."""
+    from diffgr2_lite import __main__ as cli
+
+    class ExecError(Exception):
+        def __init__(self):
+            super().__init__("long traceback")
+            self.exec_count, self.ename, self.evalue = 4, "KeyError", "'metrics'"
+
+    def execute(src, dst, **kw):
+        raise ExecError()
+
+    monkeypatch.setitem(sys.modules, "papermill", types.SimpleNamespace(execute_notebook=execute,
+                                                                        PapermillExecutionError=ExecError))
+    assert cli.main(["notebooks", "--profile", "smoke", "--only", "03", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "03_block_diffusion.ipynb failed in cell [4]: KeyError: 'metrics'" in err
+    assert str(tmp_path / "03_block_diffusion.ipynb") in err and "long traceback" not in err
+    monkeypatch.delenv("DIFFGR2_PLAIN_PROGRESS", raising=False)
