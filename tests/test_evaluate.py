@@ -80,3 +80,34 @@ def test_probe_matches_the_full_forward_of_a_real_model(tok):
             logits = model(torch.tensor([seq])).logits[0, -1, numbers]
         expected.append(int(logits.argmax()))
     assert out["picks"] == expected
+
+
+def test_the_weights_fingerprint_sees_any_change_and_only_a_change(tmp_path):
+    """The evaluation cache is keyed by it: a changed attention weight or embedding row must change it (a hash of the
+    last few parameters' sums once missed both), a copy or a save-and-load must not."""
+    import copy
+
+    from diffgr2_lite.evaluate import cached_evaluation, model_fingerprint
+    from tiny import tiny_model
+
+    model = tiny_model()
+    base = model_fingerprint(model)
+    assert model_fingerprint(copy.deepcopy(model)) == base
+    model.save_pretrained(tmp_path / "m")
+    assert model_fingerprint(type(model).from_pretrained(tmp_path / "m")) == base
+    for change in (lambda m: m.model.layers[0].self_attn.q_proj.weight.neg_(),
+                   lambda m: m.model.embed_tokens.weight[5:15].mul_(1.5)):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            change(other)
+        assert model_fingerprint(other) != base
+    # and the cache reruns for other weights, not for the same ones
+    runs = []
+    run = lambda: runs.append(1) or {"_per": {}, "parses": [], "n": len(runs)}
+    cached_evaluation(tmp_path / "s.json", {"a": 1}, model, run)
+    cached_evaluation(tmp_path / "s.json", {"a": 1}, copy.deepcopy(model), run)
+    assert len(runs) == 1
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight[0, 0] += 1
+    assert cached_evaluation(tmp_path / "s.json", {"a": 1}, other, run)[0]["n"] == 2
