@@ -88,27 +88,27 @@ class AnswerConstraint:
         self.answer_len = n * self.item_len + 2            # items, </answer>, <eos>
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with every token the answer's state forbids set to -inf. Only scatters and column writes: nothing
+        is read back to the host, so a decode step never waits for the GPU."""
         b, n = self.used.shape
         rows = torch.arange(b, device=logits.device)
         allowed = torch.zeros_like(logits, dtype=torch.bool)
         in_answer = (self.phase == 1) & (self.pos < n * self.item_len)
         slot = self.pos % self.item_len
-        at_label = in_answer & (slot == 0)
-        label_ok = ~self.used & at_label[:, None]                                   # [B, N]
-        allowed[rows[:, None].expand(b, n)[label_ok], self.labels.expand(b, n)[label_ok]] = True
+        label_ok = ~self.used & (in_answer & (slot == 0))[:, None]                  # [B, N]
+        allowed.scatter_(1, self.labels.expand(b, n), label_ok)
         at_code = in_answer & (slot > 0)
         code = self.c[rows, self.current, (slot - 1).clamp(min=0)]
-        allowed[rows[at_code], code[at_code]] = True
-        closing = (self.phase == 1) & (self.pos >= n * self.item_len)
-        allowed[closing, self.end_id] = True
-        allowed[self.phase >= 2, self.eos_id] = True
+        allowed.scatter_(1, code[:, None], at_code[:, None])                     # codes are never labels: no clash
+        allowed[:, self.end_id] |= (self.phase == 1) & (self.pos >= n * self.item_len)
+        allowed[:, self.eos_id] |= self.phase >= 2
         free = self.phase == 0
         if self.budget - self.t <= self.answer_len + 1:                         # too little room left: answer now
-            allowed[free, self.answer_id] = True
+            allowed[:, self.answer_id] |= free
             free = torch.zeros_like(free)
-        allowed[free] = True
-        allowed[free, self.eos_id] = False                                      # no ending before an answer
-        allowed[free, self.end_id] = False
+        allowed |= free[:, None]
+        allowed[:, self.eos_id] &= ~free                                        # no ending before an answer
+        allowed[:, self.end_id] &= ~free
         return logits.masked_fill(~allowed, float("-inf"))
 
     def update(self, tok: torch.Tensor) -> None:
