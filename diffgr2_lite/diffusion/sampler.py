@@ -71,7 +71,7 @@ def commit_rule(conf: torch.Tensor, committed: torch.Tensor, tau: float, sub_blo
     open_ = ~committed
     if sub_block:
         chunk = torch.arange(conf.shape[-1], device=conf.device) // sub_block
-        first_open = torch.where(open_, chunk, chunk.max() + 1).min(-1, keepdim=True).values
+        first_open = open_.int().argmax(-1, keepdim=True) // sub_block      # argmax: the first open position
         open_ = open_ & (chunk == first_open)
     conf = torch.nan_to_num(conf, nan=-1.0).masked_fill(~open_, -2.0)   # an open position always beats a closed one
     commit = (conf >= tau) & open_
