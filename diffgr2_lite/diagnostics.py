@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .text import ANSWER, END_ANSWER, EOS, LEVEL_NAMES, label_position, label_token, read_sid
+from .text import ANSWER, END_ANSWER, EOS, LEVEL_NAMES, label_position, label_token, output_tokens, read_sid
 
 PARTS = ("no answer", "pick", "rest", "end")
 
@@ -47,13 +47,15 @@ def locate_failure(output, candidates: list[tuple[str, ...]], history: list[tupl
     Returns a dict with ``where`` (``valid`` when nothing is wrong), ``kind``, ``slot`` (1-based item index), and for
     out-of-set SIDs ``level`` (a letter) and ``copied_from``. Never raises on model output.
     """
-    tokens = output.split() if isinstance(output, str) else [str(t) for t in output]
+    tokens = output_tokens(output)                           # None, a number, a string or tokens: never raises
     if EOS in tokens:
         tokens = tokens[: tokens.index(EOS)]
-    candidates = [tuple(c) for c in candidates]
+    candidates = [tuple(c) for c in candidates or []]
     history = [tuple(h) for h in (history or [])]
-    n, sid_len = len(candidates), len(candidates[0])
     out = {"where": "valid", "kind": None, "slot": None, "level": None, "copied_from": None}
+    if not candidates:
+        raise ValueError("locate_failure needs the candidates' SIDs (got none)")
+    n, sid_len = len(candidates), len(candidates[0])
     if ANSWER not in tokens:
         return {**out, "where": "no answer", "kind": "no answer"}
     start = len(tokens) - 1 - tokens[::-1].index(ANSWER)
@@ -91,7 +93,7 @@ def locate_failure(output, candidates: list[tuple[str, ...]], history: list[tupl
 
 def pick_agrees(output, n_candidates: int) -> bool | None:
     """Does the answer's first label repeat the trace's ``pick``? None when either is missing."""
-    tokens = output.split() if isinstance(output, str) else [str(t) for t in output]
+    tokens = output_tokens(output)
     if "pick" not in tokens or ANSWER not in tokens:
         return None
     i, a = tokens.index("pick"), len(tokens) - 1 - tokens[::-1].index(ANSWER)

@@ -155,7 +155,8 @@ class ParsedRanking:
     notes: list[str] = field(default_factory=list)
 
 
-def _as_tokens(output) -> list[str]:
+def output_tokens(output) -> list[str]:
+    """A model output (a string, a token list, or garbage) as a list of token strings; [] when it is neither."""
     if output is None:
         return []
     if isinstance(output, str):
@@ -189,7 +190,7 @@ def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
         candidates = [tuple(c) for c in candidates]               # inside the guard: candidates may be None
         n = len(candidates)
         fallback = list(range(n))
-        tokens = _as_tokens(output)
+        tokens = output_tokens(output)
         if EOS in tokens:
             tokens = tokens[: tokens.index(EOS)]
         index = {c: i for i, c in enumerate(candidates)}

@@ -79,10 +79,17 @@ def test_pick_agreement():
     assert pick_agrees("<answer> [1] </answer>", 10) is None
 
 
-@pytest.mark.parametrize("garbage", ["", "<answer>", "<answer> [99] [1] <a_1>", "[1] [1] [1]", "<answer> <b_1> <a_1>"])
+@pytest.mark.parametrize("garbage", ["", "<answer>", "<answer> [99] [1] <a_1>", "[1] [1] [1]", "<answer> <b_1> <a_1>",
+                                     None, 123, ["<answer>", 7, None]])
 def test_garbage_never_raises(garbage):
     f = locate_failure(garbage, CANDS, HISTORY)
     assert f["where"] in ("no answer", "pick", "rest", "end")
+    assert pick_agrees(garbage, 10) is None
+
+
+def test_no_candidates_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs the candidates"):
+        locate_failure("<answer> </answer>", [])
 
 
 def test_failure_table_counts():
