@@ -70,12 +70,12 @@ class AnswerConstraint:
     """
 
     def __init__(self, cand_ids: torch.Tensor, tokenizer, budget: int):
-        from .text import label_token
+        from .text import label_token_ids
 
         self.c = cand_ids                                  # [B, N, L] token ids of the candidates' SIDs
         b, n, self.L = cand_ids.shape
         dev = cand_ids.device
-        self.labels = torch.tensor(tokenizer.convert_tokens_to_ids([label_token(k) for k in range(n)]), device=dev)
+        self.labels = torch.tensor(label_token_ids(tokenizer, n), device=dev)
         self.answer_id = tokenizer.convert_tokens_to_ids(ANSWER)
         self.end_id = tokenizer.convert_tokens_to_ids(END_ANSWER)
         self.eos_id = tokenizer.eos_token_id

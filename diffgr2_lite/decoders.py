@@ -30,7 +30,7 @@ def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | No
     """Block-diffusion decoding (``sub_block``: left-to-right chunks inside a block); ``assign`` rewrites each answer
     with the external assignment decoder."""
     from .diffusion.sampler import diffusion_decode
-    from .text import label_token
+    from .text import label_token_ids
 
     tok = ex.tokenizer
     B = block_size or profile.block_size
@@ -43,7 +43,7 @@ def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | No
         if assign:
             from .diffusion.assignment import assign_answer
 
-            labels = tok.convert_tokens_to_ids([label_token(k) for k in range(len(rows[0]["candidates"]))])
+            labels = label_token_ids(tok, len(rows[0]["candidates"]))
             out["tokens"] = assign_answer(model, prompt, res.tokens, candidate_token_ids(rows, ex, tok, prompt.device),
                                           B, tok.mask_token_id, tok.convert_tokens_to_ids("<answer>"), labels)
         return out

@@ -139,10 +139,9 @@ def first_pick_probe(model, ds, tokenizer, device, n_candidates: int = 10, batch
     Recall@1 on ``ds``, how often it is the retriever's first, and the mean probability given to that one.
     """
     pick_id = tokenizer.convert_tokens_to_ids("pick")
-    from .text import label_token
+    from .text import label_token_ids
 
-    numbers = torch.tensor(tokenizer.convert_tokens_to_ids([label_token(k) for k in range(n_candidates)]),
-                           device=device)
+    numbers = torch.tensor(label_token_ids(tokenizer, n_candidates), device=device)
     rows = ds.select_columns(["prompt_ids", "completion_ids", "target_pos"]).to_list()
     seqs = []
     for r in rows:

@@ -37,7 +37,6 @@ is exactly that of the step average whatever the micro-batch size. With several 
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import artifacts as art
-from .ar import candidate_token_ids, max_completion_len, sft_terms
+from .ar import max_completion_len, sft_terms
 from .batches import tokenize_split
 # re-exported (notebooks call them as pl.*): train_cft, continue_cft (05, 06), ar_max_new (08), model_fingerprint
 from .cft import continue_cft, train_cft  # noqa: F401

@@ -34,7 +34,6 @@ step (of every process). With several processes each samples its own ``prompts``
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np

@@ -47,6 +47,11 @@ def label_token(position: int) -> str:
     return f"[{int(position) + 1}]"
 
 
+def label_token_ids(tokenizer, n: int) -> list[int]:
+    """The token ids of the labels ``[1]``..``[n]``, in candidate order."""
+    return tokenizer.convert_tokens_to_ids([label_token(k) for k in range(n)])
+
+
 def label_position(token: str) -> int | None:
     """'[3]' -> 2 (the 0-based candidate position); None for any other token."""
     m = _LABEL_RE.match(str(token))
