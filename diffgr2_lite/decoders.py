@@ -26,15 +26,16 @@ def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: 
 
 
 def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | None = None, temperature: float = 0.0,
-                      assign: bool = False, sub_block: int | None = None):
+                      assign: bool = False, sub_block: int | None = None, max_blocks: int | None = None):
     """Block-diffusion decoding (``sub_block``: left-to-right chunks inside a block); ``assign`` rewrites each answer
-    with the external assignment decoder."""
+    with the external assignment decoder. ``max_blocks``: default, enough for the longest training completion."""
     from .diffusion.sampler import diffusion_decode
+    from .opd import default_max_blocks
     from .text import label_token_ids
 
     tok = ex.tokenizer
     B = block_size or profile.block_size
-    max_blocks = -(-ar_max_new(ex) // B)
+    max_blocks = max_blocks or default_max_blocks(ex.splits["train"], B)
 
     def decode(rows, prompt):
         res = diffusion_decode(model, prompt, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau,
@@ -63,4 +64,7 @@ def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") 
 
 def diffusion_validate(profile, ex, n: int = 128, tau: float = 1.0):
     """Strict validation NDCG@3 of a block-diffusion model decoded with the plain sampler."""
-    return lambda m: validation_score(diffusion_decoder(m, ex, profile, tau), ex, profile, n=n)
+    from .opd import default_max_blocks
+
+    blocks = default_max_blocks(ex.splits["train"], profile.block_size)       # once, not at every validation
+    return lambda m: validation_score(diffusion_decoder(m, ex, profile, tau, max_blocks=blocks), ex, profile, n=n)
