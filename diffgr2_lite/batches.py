@@ -85,15 +85,20 @@ def decision_index(completion: list[int], pick_id: int, answer_id: int) -> int |
     return None
 
 
+def training_dicts(rows) -> list[dict]:
+    """A tokenised ``datasets.Dataset`` as the list of dicts batching reads (only the columns it needs); a list of
+    dicts is returned as it is."""
+    if hasattr(rows, "select_columns"):
+        cols = [c for c in ("prompt_ids", "completion_ids", "decision_weight") if c in rows.column_names]
+        return rows.select_columns(cols).to_list()
+    return rows
+
+
 def iterate_batches(ds, batch_size: int, shuffle: bool, seed: int, **kw):
     """Yield :class:`Batch` objects over a tokenised dataset (length-bucketed when shuffling: less padding)."""
     import numpy as np
 
-    if hasattr(ds, "select_columns"):
-        cols = [c for c in ("prompt_ids", "completion_ids", "decision_weight") if c in ds.column_names]
-        rows = ds.select_columns(cols).to_list()
-    else:
-        rows = ds
+    rows = training_dicts(ds)
     n = len(rows)
     order = np.arange(n)
     if shuffle:
@@ -168,9 +173,7 @@ class DeviceBatches:
                  rank: int = 0, world: int = 1, transform=None):
         import numpy as np
 
-        if hasattr(rows, "select_columns"):
-            cols = [c for c in ("prompt_ids", "completion_ids", "decision_weight") if c in rows.column_names]
-            rows = rows.select_columns(cols).to_list()
+        rows = training_dicts(rows)
         if not rows:
             raise ValueError("no training rows")
         if not 0 <= rank < world:
@@ -203,12 +206,6 @@ class DeviceBatches:
         out.batch_size = batch_size or self.batch_size
         out.grad_accum = grad_accum or self.grad_accum
         return out
-
-    def padding_fraction(self) -> float:
-        """Share of the completion positions of an epoch that are padding (after the first ``<eos>``)."""
-        real = sum(float(g.length[:-1].sum()) for g in self.groups)
-        total = sum(n * g.completion.shape[1] for n, g in zip(self.sizes, self.groups))
-        return 1.0 - real / total
 
     def epoch(self, e: int):
         """This process's micro-batches of epoch ``e``, in order."""

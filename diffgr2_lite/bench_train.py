@@ -230,10 +230,12 @@ def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20,
         dynamic: bool | None = True, cudagraphs: bool = False) -> dict:
     from . import pipeline as pl
     from .ar import sft_terms
-    from .batches import DeviceBatches
+    from .batches import DeviceBatches, training_dicts
     from .cft import cft_loss_fn
     from .config import get_profile
     from .copy_warmup import relabel_transform
+    from .train import compile_enabled
+
     t_start = time.perf_counter()
     P = get_profile(profile_name, dataset)
     dev = torch.device(P.device)
@@ -241,14 +243,13 @@ def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20,
     print(f"bench-train: profile {P.name}, device {art.device_name(dev)}; loading data ...", flush=True)
     ex = pl.get_examples(P, progress=False)
     tok = ex.tokenizer
-    cols = ["prompt_ids", "completion_ids", "decision_weight"]
-    sft_rows = [r for s in ("train", "reading") for r in ex.splits[s].select_columns(cols).to_list()]
+    sft_rows = training_dicts(ex.training_rows())
     peak = matmul_rate(dev)
     model = pl.new_model(P, ex)
     dims = model_dims(model)
     print(f"  {len(sft_rows)} SFT rows, model {dims['parameters'] / 1e6:.1f}M parameters, "
           f"{peak['dtype']} matmul {peak['flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
-    compile_on = dev.type == "cuda" if P.compile is None else bool(P.compile)
+    compile_on = compile_enabled(P.compile, dev)
     rows, errors = [], {}
 
     def attempt(label, fn):

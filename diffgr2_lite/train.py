@@ -128,6 +128,11 @@ def _unpack(out):
 
 
 # ----------------------------------------------------------------------------------------------- the trainer
+def compile_enabled(compile, device) -> bool:
+    """Whether losses are compiled: ``None``/``"auto"`` means on CUDA and not on CPU (a profile's ``compile``)."""
+    return torch.device(device).type == "cuda" if compile in (None, "auto") else bool(compile)
+
+
 class Trainer:
     """AdamW on ``model`` with a learning-rate schedule, bf16 autocast, exact gradient accumulation and data
     parallelism (see the module docstring).
@@ -161,7 +166,7 @@ class Trainer:
                 torch.distributed.broadcast(t, src=0)
         cuda = self.device.type == "cuda"
         self.bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and cuda)
-        self.compile = cuda if compile in (None, "auto") else bool(compile)
+        self.compile = compile_enabled(compile, self.device)
         self.compile_options = {"dynamic": True} if compile_options is None else compile_options
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay, fused=cuda)
         self.lr, self.total_steps = lr, max(1, int(total_steps))
@@ -288,6 +293,9 @@ class Trainer:
         Returns the history: ``step`` and ``loss`` (mean over each logging window) and any extras, ``val_step``,
         ``val``, ``best_val``, ``steps`` (taken), ``seconds``, ``processes`` and ``global_batch_rows`` (when known).
         """
+        if getattr(batches, "grad_accum", self.grad_accum) != self.grad_accum:      # steps would straddle batches
+            raise ValueError(f"the batches are cut for grad_accum={batches.grad_accum}, the trainer accumulates "
+                             f"{self.grad_accum}: build both with the same value")
         history = {"step": [], "loss": [], "val_step": [], "val": []}
         keeper = BestState(ties_to_later) if keep_best else None
         validate = self.on_main(validate)

@@ -91,6 +91,7 @@ def test_device_batches_shapes_padding_rows_and_every_row_once():
     rows = toy_rows()
     data = DeviceBatches(rows, StubTokenizer(), batch_size=5, multiple_of=4, buckets=2, seed=1)
     assert len(data.groups) == 2 and len(data) == sum(-(-n // 5) for n in data.sizes)
+    assert len(data) == len(list(data.epoch(0)))                  # one step per global batch the epoch yields
     shapes = set()
     for b in data.epoch(0):
         assert len(b) == 5 and b.completion.shape[1] % 4 == 0 and b.prompt.shape[1] == 6
@@ -157,6 +158,15 @@ def test_fit_lowers_the_loss_and_logs_every_k_steps():
     assert not model.training
 
 
+def test_fit_refuses_batches_cut_for_another_accumulation():
+    from diffgr2_lite.ar import sft_terms
+
+    data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=4, grad_accum=2, seed=0)
+    trainer = Trainer(tiny_model(), lr=1e-3, total_steps=2, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="grad_accum=2.*accumulates 1"):
+        trainer.fit(data, sft_terms)
+
+
 def test_fit_stops_at_the_gate():
     """``stop_at``: training ends at the first validation whose score reaches it (the copy warm-up's gate)."""
     from diffgr2_lite.ar import sft_terms
@@ -176,7 +186,7 @@ def test_fit_logs_extras_of_a_dict_loss():
     from diffgr2_lite.ar import sft_loss
 
     model = tiny_model(init=0.05)
-    data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=8, seed=0)
+    data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=8, grad_accum=2, seed=0)
     trainer = Trainer(model, lr=1e-3, total_steps=4, log_every=2, grad_accum=2, device="cpu", progress=False)
     hist = trainer.fit(data, lambda m, b: {"loss": sft_loss(m, b), "rows": torch.tensor(float(len(b)))},
                        keep_best=False)
