@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from .progress import tqdm
 
-from .ar import autocast
 from .diffusion.replay import first_eos, replay_logprobs, select_rows, valid_positions
 from .opd import _rows, default_max_blocks, device_generator, parse_rollouts, sample_rollouts
 from .text import ParsedRanking
@@ -151,7 +150,7 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
         if trainer.all_sum(n_tok) > 0:                    # every process takes the same decision
             chunks = [keep_rows[s:s + micro_batch] for s in range(0, len(keep_rows), micro_batch)]
             old = []
-            with torch.no_grad(), autocast(device):       # pi_old: the weights that generated the rollouts
+            with torch.no_grad(), trainer.autocast():     # pi_old: same weights, same precision as the update
                 for idx in chunks:
                     r = select_rows(res, idx)
                     old.append(replay_logprobs(policy, prompt[idx], r.tokens, r.commit_step, r.steps, block_size,
