@@ -209,6 +209,8 @@ def test_teacher_rejection_sampling_draws_only_the_pick():
     teacher = Teacher(cat, TeacherStats.fit(cat, [[0, 1]]), points=[3, 1, 1, 0, 0, 2])
     history, cands = [0], [1, 2, 3, 4]
     s = teacher.scores(history, cands)
+    assert s.tolist() == [6, 0, 3, 1]                  # same brand + category + first; -; same brand; same category
+    assert teacher.ranking(s, 2) == [2, 0, 3, 1]       # the drawn pick, then the others by points
     for seed in range(5):
         ranking, used = teacher.rejection_sample(history, cands, 2, np.random.default_rng(seed), tries=200,
                                                  temperature=2.0)

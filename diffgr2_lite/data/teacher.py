@@ -183,7 +183,8 @@ class Teacher:
     def _tags(self, evidence: np.ndarray) -> list[list[str]]:
         on = evidence * (self.points > 0)
         col = {t: k for k, t in enumerate(POINT_KEYS)}
-        return [[next((t for t in group if row[col[t]]), "-") for group in self.slots()] for row in on]
+        slots = self.slots()
+        return [[next((t for t in group if row[col[t]]), "-") for group in slots] for row in on]
 
     def reading(self, history: list[int], candidates: list[int]) -> str:
         """Steps 1-3 up to the pick: a pure function of the prompt, and of fixed width (every row's trace has the same
