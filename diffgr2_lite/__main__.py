@@ -83,8 +83,8 @@ def collect_results(profile_name: str) -> Path:
     kept = {s: dst / f"{s}.json" for s in stages if s not in runs and (dst / f"{s}.json").exists()}
     records = {s: art.check_result(f, s) for s, f in {**kept, **runs}.items()}
     table = results_table(records) if profile_name == "full" else None
-    for stage, f in runs.items():
-        art.atomic_write_text(dst / f"{stage}.json", f.read_text())
+    for stage in runs:                                   # what was checked is what is written (each file read once)
+        art.atomic_write_json(dst / f"{stage}.json", records[stage])
     print(f"copied {len(runs)} stage files into {dst}: {', '.join(runs) or 'none'}")
     if table is None:
         print(f"README table not changed: it shows the full profile only, not {profile_name!r}")
