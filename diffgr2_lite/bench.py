@@ -98,6 +98,7 @@ class BenchConfig:
     batches: tuple[int, ...] = (1, 64)
     taus: tuple[float, ...] = (1.0, 0.9, 0.6, 0.4)
     block_sizes: tuple[int, ...] = (32,)
+    sub_blocks: tuple[int, ...] = (0,)   # commit chunks inside a block (sampler.commit_rule); 0: the whole block
     n_prompts: int | None = None         # prompts used at serving batches (None: all given)
     n_single: int = 16                   # prompts decoded one at a time for the batch-1 rows
     repeats: int = 3
@@ -109,7 +110,8 @@ class BenchConfig:
     def from_profile(cls, profile, max_new: int, **overrides) -> "BenchConfig":
         """From a :class:`config.Profile` (its ``bench_*`` fields), with overrides."""
         kw = dict(max_new=max_new, batches=tuple(profile.bench_batches), taus=tuple(profile.bench_taus),
-                  block_sizes=tuple(profile.bench_block_sizes), n_prompts=profile.bench_prompts,
+                  block_sizes=tuple(profile.bench_block_sizes),
+                  sub_blocks=tuple(profile.bench_sub_blocks), n_prompts=profile.bench_prompts,
                   n_single=min(16, profile.bench_prompts), repeats=profile.bench_repeats)
         kw.update(overrides)
         return cls(**kw)
@@ -225,8 +227,8 @@ def benchmark(model, prompts: torch.Tensor, rows, example_set, cfg, *, max_new: 
     graphs = bool(cfg.graphs) and device.type == "cuda"
     out = []
 
-    def row(decoder, batch, B, tau, m):
-        return {"decoder": decoder, "batch": batch, "block_size": B, "tau": tau,
+    def row(decoder, batch, B, tau, m, sub_block=None):
+        return {"decoder": decoder, "batch": batch, "block_size": B, "tau": tau, "sub_block": sub_block,
                 "tokens_per_s": m["tokens_per_s"], "ms_per_forward": m["ms_per_forward"],
                 "tokens_per_forward": m["tokens_per_forward"], "latency_ms_per_request": m["latency_ms_per_request"],
                 "recall@1": m["recall@1"], "strict_recall@1": m.get("strict_recall@1"), "valid_rate": m["valid_rate"],
@@ -245,22 +247,25 @@ def benchmark(model, prompts: torch.Tensor, rows, example_set, cfg, *, max_new: 
             log(_fmt(ar_row))
         for B in cfg.block_sizes:
             blocks = math.ceil(cfg.max_new / B)
-            for tau in cfg.taus:
-                dec = diffusion_cls(model, batch, P, blocks, B, mask_id, eos_id, tau=tau, graphs=cfg.graphs)
-                m = measure_setting(dec.decode, prompts, groups, eos_id, B, cfg.repeats, cfg.warmup, timer, device,
-                                    score)
-                del dec
-                r = row("diffusion", batch, B, float(tau), m)
-                r["speedup_vs_ar"] = r["tokens_per_s"] / ar_row["tokens_per_s"]
-                out.append(r)
-                if log:
-                    log(_fmt(r))
+            for sub_block in [s for s in cfg.sub_blocks if s < B] or [0]:   # a chunk of B is the whole block
+                for tau in cfg.taus:
+                    dec = diffusion_cls(model, batch, P, blocks, B, mask_id, eos_id, tau=tau, graphs=cfg.graphs,
+                                        sub_block=sub_block or None)
+                    m = measure_setting(dec.decode, prompts, groups, eos_id, B, cfg.repeats, cfg.warmup, timer,
+                                        device, score)
+                    del dec
+                    r = row("diffusion", batch, B, float(tau), m, sub_block or None)
+                    r["speedup_vs_ar"] = r["tokens_per_s"] / ar_row["tokens_per_s"]
+                    out.append(r)
+                    if log:
+                        log(_fmt(r))
     return out
 
 
 def _fmt(r: dict) -> str:
-    what = "AR" if r["decoder"] == "ar" else f"diffusion B={r['block_size']} tau={r['tau']}"
-    return (f"batch {r['batch']:>3} {what:<28} {r['tokens_per_s']:>10.1f} tok/s  {r['ms_per_forward']:.2f} ms/fwd  "
+    what = "AR" if r["decoder"] == "ar" else f"diffusion B={r['block_size']} tau={r['tau']}" + (
+        f" sub={r['sub_block']}" if r.get("sub_block") else "")
+    return (f"batch {r['batch']:>3} {what:<34} {r['tokens_per_s']:>10.1f} tok/s  {r['ms_per_forward']:.2f} ms/fwd  "
             f"{r['tokens_per_forward']:.2f} tok/fwd  x{r['speedup_vs_ar']:.2f}  R@1 {r['recall@1']:.3f}  "
             + (f"strict {r['strict_recall@1']:.3f}  " if r.get("strict_recall@1") is not None else "")
             + f"valid {r['valid_rate']:.3f}")

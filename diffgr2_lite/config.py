@@ -94,6 +94,7 @@ class Profile:
     bench_batches: tuple[int, ...] = (1, 8)
     bench_taus: tuple[float, ...] = (1.0, 0.9, 0.6, 0.4)
     bench_block_sizes: tuple[int, ...] = (32,)
+    bench_sub_blocks: tuple[int, ...] = (0, 8)   # 0: commit across the whole block; 8: left-to-right chunks of 8
     bench_repeats: int = 2
     sweep_taus: tuple[float, ...] = (1.0, 0.7, 0.4)
     sweep_block_sizes: tuple[int, ...] = (4, 32)
@@ -119,7 +120,7 @@ PROFILES: dict[str, Profile] = {
         sid_levels=(256, 64), title_words=2,
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
         reading_ratio=3.0, copy_steps=0, copy_batch=256, copy_check_every=250, ar_epochs=12.0, ar_lr=1e-3,
-        cft_epochs=3.0, cft_lr=3e-4, compile=False,
+        cft_epochs=6.0, cft_lr=3e-4, compile=False,
         batch_size=128, eval_batch=512,
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,

@@ -20,21 +20,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .text import ANSWER, END_ANSWER, EOS, LEVEL_NAMES, label_position, label_token, output_tokens, read_sid
+from .text import ANSWER, END_ANSWER, EOS, LEVEL_NAMES, answer_items, label_token, output_tokens
 
 PARTS = ("no answer", "pick", "rest", "end")
-
-
-def _split_items(body: list[str], sid_len: int) -> list[tuple[int | None, tuple[str, ...] | None]]:
-    """The answer body as items (label position or None, SID or None when no whole SID follows), in order."""
-    items, i = [], 0
-    while i < len(body):
-        label = label_position(body[i])
-        j = i + (label is not None)                       # the SID starts after the label, if there is one
-        sid = read_sid(body, j, sid_len)
-        items.append((label, sid))
-        i = j + (sid_len if sid is not None else 1)
-    return items
 
 
 def _first_difference(sid: tuple[str, ...], reference: tuple[str, ...]) -> int:
@@ -64,7 +52,7 @@ def locate_failure(output, candidates: list[tuple[str, ...]], history: list[tupl
     body = body[: body.index(END_ANSWER)] if closed else body
     index = {c: k for k, c in enumerate(candidates)}
     seen: set[int] = set()
-    for slot, (label, sid) in enumerate(_split_items(body, sid_len), start=1):
+    for slot, (label, sid, _) in enumerate(answer_items(body, sid_len), start=1):
         where = "pick" if slot == 1 else "rest"
         if slot > n:
             return {**out, "where": "end", "kind": "extra", "slot": slot}

@@ -181,6 +181,22 @@ def read_sid(body: list[str], i: int, sid_len: int) -> tuple[str, ...] | None:
     return None
 
 
+def answer_items(body: list[str], sid_len: int) -> list[tuple[int | None, tuple[str, ...] | None, int]]:
+    """The answer body read as items, in order: (label position or None, SID or None, index of its first token).
+
+    An item is an optional label followed by a whole SID. A token that starts no such item (a label followed by
+    anything but an SID, a broken SID, a word) is a stray: an item with SID None, and reading resumes at the next token.
+    """
+    items, i = [], 0
+    while i < len(body):
+        label = label_position(body[i])
+        j = i + (label is not None)                       # the SID starts after the label, if there is one
+        sid = read_sid(body, j, sid_len)
+        items.append((label, sid, i))
+        i = j + sid_len if sid is not None else i + 1
+    return items
+
+
 def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
     """Parse a completion (a string or a list of token strings) against the 10 candidate SIDs. Never raises.
 
@@ -220,20 +236,14 @@ def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
             res.notes.append("answer not closed")
         res.answer_tokens = len(body)
         sids: list[tuple[str, ...]] = []
-        i = 0
-        while i < len(body):
-            label = label_position(body[i])
-            j = i + 1 if label is not None else i
-            chunk = read_sid(body, j, sid_len)
+        for label, chunk, i in answer_items(body, sid_len):
             if chunk is not None:
                 sids.append(chunk)
                 if label is not None and index.get(chunk, -1) not in (-1, label):
                     res.notes.append(f"label {body[i]} names another candidate than its SID")
-                i = j + sid_len
             else:
                 res.malformed = True
                 res.notes.append(f"stray token {body[i]!r}")
-                i += 1
         mapped = [index.get(s, -1) for s in sids]
         res.model_ranking = mapped
         res.out_of_set = any(m < 0 for m in mapped)

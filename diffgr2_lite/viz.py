@@ -203,15 +203,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def setting_label(r: dict) -> str:
+    """A diffusion speed row's sampler setting in words: its threshold, and its sub-blocks when it has them."""
+    return f"τ {r['tau']}" + (f", sub-blocks of {r['sub_block']}" if r.get("sub_block") else "")
+
+
 def speed_findings(rows: list[dict], vs_len: list[dict] | None = None) -> list[str]:
     """Markdown bullets about the speed benchmark, read from its rows (``bench.benchmark`` / speed.json)."""
     out = []
     for b in sorted({r["batch"] for r in rows}):
         ar = next((r for r in rows if r["batch"] == b and r["decoder"] == "ar"), None)
-        dif = sorted((r for r in rows if r["batch"] == b and r["decoder"] != "ar"), key=lambda r: -r["tau"])
+        dif = sorted((r for r in rows if r["batch"] == b and r["decoder"] != "ar"),
+                     key=lambda r: (r.get("sub_block") or 0, -r["tau"]))
         if ar is None or not dif:
             continue
-        each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at τ {r['tau']} (valid {_pct(r['valid_rate'])})" for r in dif)
+        each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at {setting_label(r)} (valid {_pct(r['valid_rate'])})" for r in dif)
         out.append(f"**Batch {b}.** AR: {ar['tokens_per_s']:,.0f} tokens/s, {ar['ms_per_forward']:.2f} ms per forward, "
                    f"valid {_pct(ar['valid_rate'])}. Block diffusion (B = {dif[0]['block_size']}) commits "
                    f"{min(r['tokens_per_forward'] for r in dif):.2f}–{max(r['tokens_per_forward'] for r in dif):.2f} "
@@ -222,7 +228,7 @@ def speed_findings(rows: list[dict], vs_len: list[dict] | None = None) -> list[s
     if ok:
         best = max(ok, key=lambda r: r["speedup_vs_ar"])
         out.append(f"**The goal** (faster than AR with every output valid and AR's R@1) **is met** by {len(ok)} "
-                   f"setting(s); the fastest: {best['speedup_vs_ar']:.2f}× at batch {best['batch']}, τ {best['tau']}.")
+                   f"setting(s); the fastest: {best['speedup_vs_ar']:.2f}× at batch {best['batch']}, {setting_label(best)}.")
     else:
         out.append("**The goal** (faster than AR with every output valid and AR's R@1) **is not met**: no diffusion "
                    "setting here is faster than AR with all of its outputs valid at AR's R@1.")
@@ -287,7 +293,8 @@ def speed_table(rows: list[dict]) -> list[dict]:
     for r in rows:
         s = r.get("strict_recall@1")
         out.append({"decoder": r["decoder"], "batch": r["batch"], "B": r["block_size"],
-                    "τ": "" if r["tau"] is None else r["tau"], "tokens/s": f"{r['tokens_per_s']:,.0f}",
+                    "τ": "" if r["tau"] is None else r["tau"], "sub-block": r.get("sub_block") or "",
+                    "tokens/s": f"{r['tokens_per_s']:,.0f}",
                     "ms/forward": f"{r['ms_per_forward']:.2f}", "tokens/forward": f"{r['tokens_per_forward']:.2f}",
                     "speedup": f"{r['speedup_vs_ar']:.2f}×", "R@1": f"{r['recall@1']:.3f}",
                     "strict R@1": "–" if s is None else f"{s:.3f}", "valid": f"{r['valid_rate']:.3f}"})
@@ -309,12 +316,15 @@ def plot_speed_frontier(rows: list[dict]):
     for ax, b in zip(axes[0], batches):
         pts = sorted((r for r in rows if r["batch"] == b and r["decoder"] != "ar"), key=lambda r: r["speedup_vs_ar"])
         ar = next(r for r in rows if r["batch"] == b and r["decoder"] == "ar")
-        ys = [r.get("strict_recall@1") or 0.0 for r in pts]
-        ax.plot([r["speedup_vs_ar"] for r in pts], ys, marker="o", lw=1, label="block diffusion")
-        for i, (r, y) in enumerate(zip(pts, ys)):
-            ax.annotate(f"τ {r['tau']}\nvalid {r['valid_rate']:.0%}", (r["speedup_vs_ar"], y), fontsize=7,
-                        ha="center", va="bottom" if i % 2 == 0 else "top", textcoords="offset points",
-                        xytext=(0, 7 if i % 2 == 0 else -7))
+        for sub_block in sorted({r.get("sub_block") or 0 for r in pts}):      # one line per sampler family
+            fam = [r for r in pts if (r.get("sub_block") or 0) == sub_block]
+            ys = [r.get("strict_recall@1") or 0.0 for r in fam]
+            ax.plot([r["speedup_vs_ar"] for r in fam], ys, marker="o" if not sub_block else "s", lw=1,
+                    label="block diffusion" + (f", sub-blocks of {sub_block}" if sub_block else ""))
+            for i, (r, y) in enumerate(zip(fam, ys)):
+                ax.annotate(f"τ {r['tau']}\nvalid {r['valid_rate']:.0%}", (r["speedup_vs_ar"], y), fontsize=7,
+                            ha="center", va="bottom" if i % 2 == 0 else "top", textcoords="offset points",
+                            xytext=(0, 7 if i % 2 == 0 else -7))
         ax.axhline(ar.get("strict_recall@1") or 0.0, color="k", ls="--", lw=1,
                    label=f"AR (valid {ar['valid_rate']:.0%})")
         ax.axvline(1, color="grey", lw=1)

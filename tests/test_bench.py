@@ -90,9 +90,12 @@ class FakeAR:
 class FakeDiffusion(FakeAR):
     """Cost ``base / tau`` style: cheaper at lower tau; 5 model calls per decode (4 after the prefill)."""
 
-    def __init__(self, model, batch, P, max_blocks, block_size, mask_id, eos_id, tau=1.0, graphs=True):
+    made = []                  # (tau, sub_block) of every decoder built
+
+    def __init__(self, model, batch, P, max_blocks, block_size, mask_id, eos_id, tau=1.0, graphs=True, sub_block=None):
         super().__init__(model, batch, P, max_blocks * block_size, eos_id)
         self.tau = tau
+        FakeDiffusion.made.append((tau, sub_block))
 
     def cost(self, prompt):
         return 4.0 * self.tau
@@ -132,7 +135,7 @@ def test_time_decoder_median_and_warmup():
 
 
 def test_rows_have_the_contract_keys(rows):
-    keys = {"decoder", "batch", "block_size", "tau", "tokens_per_s", "ms_per_forward", "tokens_per_forward",
+    keys = {"decoder", "batch", "block_size", "tau", "sub_block", "tokens_per_s", "ms_per_forward", "tokens_per_forward",
             "latency_ms_per_request", "recall@1", "strict_recall@1", "valid_rate", "graphs", "speedup_vs_ar"}
     assert all(set(r) == keys for r in rows)
     assert all(0.0 <= r["strict_recall@1"] <= r["recall@1"] for r in rows)     # an invalid answer is a miss
@@ -142,6 +145,17 @@ def test_rows_have_the_contract_keys(rows):
     assert all(r["graphs"] is False for r in rows)                  # CPU: graphs are off whatever cfg says
     assert [r["block_size"] for r in rows if r["decoder"] == "ar"] == [1, 1]
     json.dumps(speed_record(rows, "test device", {"torch": "x"}))     # serialisable as speed.json
+
+
+def test_sub_block_settings_get_their_own_rows():
+    FakeAR.base, CLOCK.now, FakeDiffusion.made = 10.0, 0.0, []
+    cfg = BenchConfig(max_new=8, batches=(4,), taus=(1.0, 0.5), block_sizes=(4,), sub_blocks=(0, 2, 4), n_single=2,
+                      repeats=1, warmup=0)
+    rows = benchmark(torch.nn.Linear(2, 2), torch.arange(4)[:, None].repeat(1, 5), ROWS, ExampleSet(), cfg,
+                     timer=CLOCK, ar_cls=FakeAR, diffusion_cls=FakeDiffusion, log=None)
+    # a chunk as long as the block is the whole block: sub-block 4 of B = 4 is not a setting of its own
+    assert [(r["tau"], r["sub_block"]) for r in rows] == [(None, None), (1.0, None), (0.5, None), (1.0, 2), (0.5, 2)]
+    assert FakeDiffusion.made == [(1.0, None), (0.5, None), (1.0, 2), (0.5, 2)]   # the decoder gets its sub-block
 
 
 def test_serving_batch_arithmetic(rows):

@@ -250,6 +250,13 @@ def test_findings_are_read_from_records():
     assert "2.50× at τ 0.9" in text and "**is met**" in text and "Not measured yet: teacher" in text
     rows[1]["valid_rate"] = 0.9
     assert "**is not met**" in " ".join(speed_findings(rows))
+    rows.append({**rows[1], "sub_block": 8, "valid_rate": 1.0, "speedup_vs_ar": 1.5})
+    text = " ".join(speed_findings(rows))
+    assert "1.50× at τ 0.9, sub-blocks of 8 (valid 100.0%)" in text and "**is met**" in text
+    assert "1.50× at batch 1, τ 0.9, sub-blocks of 8." in text
+    from diffgr2_lite.viz import speed_table
+
+    assert [r["sub-block"] for r in speed_table(rows)] == ["", "", 8]
     only_speed = run_findings({"speed": {"device": "GPU", "created": "2026-01-03", "rows": rows}})   # notebook 08 alone
     assert "measured 2026-01-03" in only_speed and "2.50× at τ 0.9" in only_speed and "test users" not in only_speed
 

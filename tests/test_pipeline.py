@@ -138,3 +138,21 @@ def test_missing_dataset_leaves_no_empty_run_folder(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="Amazon Beauty data not found"):
         pl.get_examples(get_profile("full"), progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_cft_and_its_off_policy_control_train_on_the_same_relabelled_rows(stage, monkeypatch):
+    """The control OPD is compared with differs from CFT in its steps only: same rows, same relabelled share."""
+    from diffgr2_lite import cft as cft_mod
+
+    ex = pl.get_examples(stage, progress=False)
+    seen = []
+
+    def fake_fit(model, rows, tokenizer, **kw):
+        seen.append((len(rows), kw["transform"] is not None, kw["multiple_of"]))
+        return {"steps": 0}
+
+    monkeypatch.setattr(cft_mod, "train_supervised", fake_fit)
+    model = pl.new_model(stage, ex)
+    cft_mod.train_cft(stage, ex, model)
+    cft_mod.continue_cft(stage, ex, model, steps=1)
+    assert seen[0] == seen[1] == (len(ex.training_rows()), True, stage.block_size)

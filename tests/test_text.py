@@ -12,7 +12,7 @@ import random
 import pytest
 
 from diffgr2_lite.text import (
-    ANSWER, BOS, END_ANSWER, END_THINK, EOS, PAD, SPECIAL_TOKENS, THINK, UNK, PromptFormat, build_answer,
+    ANSWER, BOS, END_ANSWER, END_THINK, EOS, PAD, SPECIAL_TOKENS, THINK, UNK, PromptFormat, answer_items, build_answer,
     build_completion, build_prompt, build_vocabulary, decode_tokens, encode, item_words, load_tokenizer,
     label_position, label_token, make_tokenizer, parse_ranking, save_tokenizer, sid_token_ranges, sid_tokens,
     title_words, vocab_fingerprint, word_token,
@@ -338,3 +338,12 @@ def test_parse_with_no_candidates_does_not_raise():
 def test_parse_with_missing_candidates_does_not_raise(candidates):
     p = parse_ranking(answer_of(candidates10()), candidates)
     assert not p.valid and p.malformed and p.ranking == [] and "parser error" in p.notes[0]
+
+
+def test_answer_items_resume_after_a_stray_token():
+    """A label followed by no SID is a stray and reading resumes at the very next token (the SID behind it counts)."""
+    body = ["[1]", "<a_1>", "<b_2>", "<c_3>", "[2]", "[3]", "<a_4>", "<b_5>", "<c_6>", "oops", "<a_7>", "<b_8>", "<c_9>"]
+    assert answer_items(body, 3) == [(0, ("<a_1>", "<b_2>", "<c_3>"), 0), (1, None, 4),
+                                     (2, ("<a_4>", "<b_5>", "<c_6>"), 5), (None, None, 9),
+                                     (None, ("<a_7>", "<b_8>", "<c_9>"), 10)]
+    assert answer_items([], 3) == [] and answer_items(["[1]"], 3) == [(0, None, 0)]
