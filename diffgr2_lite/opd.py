@@ -67,11 +67,13 @@ def default_max_blocks(train_ds, block_size: int, slack: int = 8) -> int:
 
 
 def sample_rollouts(model, rows: list[dict], repeats: int, *, block_size: int, max_blocks: int, mask_id: int,
-                    eos_id: int, tau: float, temperature: float, device, generator=None
+                    eos_id: int, tau: float, temperature: float, device, generator=None, sub_block: int | None = None
                     ) -> tuple[torch.Tensor, DecodeResult]:
     """(prompt [R*repeats, P], result): ``repeats`` rollouts of each row with the real decoder (eval, no grad).
 
-    Rollouts of one prompt are adjacent (row r's rollouts are r*repeats ... r*repeats + repeats - 1).
+    Rollouts of one prompt are adjacent (row r's rollouts are r*repeats ... r*repeats + repeats - 1). ``sub_block``
+    decodes them through left-to-right chunks (:func:`~diffgr2_lite.diffusion.sampler.commit_rule`); replay needs
+    nothing else, since every token keeps the step it was committed at.
     """
     prompt = torch.tensor([r["prompt_ids"] for r in rows], dtype=torch.long, device=device)
     prompt = prompt.repeat_interleave(repeats, 0)
@@ -79,7 +81,7 @@ def sample_rollouts(model, rows: list[dict], repeats: int, *, block_size: int, m
     model.eval()
     with torch.no_grad(), autocast(device):
         res = diffusion_decode(model, prompt, max_blocks, block_size, mask_id, eos_id, tau=tau,
-                               temperature=temperature, generator=generator)
+                               temperature=temperature, generator=generator, sub_block=sub_block)
     model.train(was_training)
     return prompt, res
 
@@ -174,12 +176,13 @@ def train_opd(student, teacher, train_ds, example_set, *, steps: int, prompts: i
               divergence: str = "forward", student_view: str = "replay", fill: str = "eos",
               max_blocks: int | None = None, micro_batch: int = 16, max_views_per_chunk: int | None = None,
               weight_decay: float = 0.0, validate=None, validate_every: int | None = None, keep_best: bool = False,
-              desc: str = "OPD") -> dict:
+              sub_block: int | None = None, desc: str = "OPD") -> dict:
     """On-policy distillation of ``student`` (block diffusion, from CFT) towards the frozen AR ``teacher``.
 
     ``train_ds`` rows need ``prompt_ids`` and ``candidates`` (rollouts are parsed to report their valid rate).
     ``validate(student)`` returns a score (e.g. validation NDCG@3) every ``validate_every`` steps and at the end;
-    with ``keep_best`` the best-scoring weights are restored at the end. Returns a history dict with lists ``step``,
+    with ``keep_best`` the best-scoring weights are restored at the end. ``sub_block``: rollouts through left-to-right
+    chunks of that many positions (default: the whole block, the paper's sampler). Returns a history dict with lists ``step``,
     ``kl``, ``fill_ce``, ``loss``, ``valid`` (valid rate of the step's rollouts), ``tokens_per_forward``,
     ``val_step``, ``val`` and ``seconds``.
     """
@@ -203,7 +206,7 @@ def train_opd(student, teacher, train_ds, example_set, *, steps: int, prompts: i
         rows = _rows(train_ds, rng.choice(n_rows, size=min(prompts, n_rows), replace=False))
         prompt, res = sample_rollouts(student, rows, rollouts, block_size=block_size, max_blocks=max_blocks,
                                       mask_id=mask_id, eos_id=eos_id, tau=tau, temperature=temperature,
-                                      device=device, generator=gen)
+                                      device=device, generator=gen, sub_block=sub_block)
         parses = parse_rollouts(res.tokens, rows, rollouts, example_set)
         student.eval()                                  # see the module docstring: the replayed policy has no dropout
         kl_sum = fill_sum = 0.0

@@ -105,12 +105,14 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
              format_weight: float = 0.2, clip_high: float | None = None, inner_epochs: int = 1,
              reward_fn=None, max_blocks: int | None = None, micro_batch: int = 16,
              max_views_per_chunk: int | None = None, weight_decay: float = 0.0, validate=None,
-             validate_every: int | None = None, keep_best: bool = False, desc: str = "RL") -> dict:
+             validate_every: int | None = None, keep_best: bool = False, sub_block: int | None = None,
+             desc: str = "RL") -> dict:
     """Group-relative PPO of the block-diffusion ``policy`` against the re-ranking reward.
 
     ``reward_fn(parsed, row, token_ids) -> float`` overrides the reward (``token_ids``: the completion up to and
     including its first ``<eos>``); by default :func:`reward` with ``format_weight`` and ``conditional``.
-    ``clip`` is eps_low, ``clip_high`` eps_high (DAPO's decoupled clip; default = ``clip``). Returns a history dict
+    ``clip`` is eps_low, ``clip_high`` eps_high (DAPO's decoupled clip; default = ``clip``). ``sub_block``: rollouts
+    through left-to-right chunks, as in :func:`~diffgr2_lite.opd.train_opd`. Returns a history dict
     with lists ``step``, ``reward`` (mean), ``valid`` (valid rate), ``copy`` (:func:`copy_rate`), ``kept`` (fraction
     of groups kept), ``loss``, ``clip_frac``, ``val_step``, ``val``, and ``seconds``.
     """
@@ -135,7 +137,7 @@ def train_rl(policy, train_ds, example_set, *, steps: int, prompts: int, group: 
         rows = _rows(train_ds, rng.choice(n_rows, size=min(prompts, n_rows), replace=False))
         prompt, res = sample_rollouts(policy, rows, group, block_size=block_size, max_blocks=max_blocks,
                                       mask_id=mask_id, eos_id=eos_id, tau=tau, temperature=temperature,
-                                      device=device, generator=gen)
+                                      device=device, generator=gen, sub_block=sub_block)
         parses = parse_rollouts(res.tokens, rows, group, example_set)
         ends = first_eos(res.tokens, eos_id).tolist()
         ids = res.tokens.tolist()

@@ -42,10 +42,10 @@ def tiny_model(seed: int = 0):
     return m
 
 
-def rollouts(model, tok, rows, block_size, max_blocks=3, seed=5, tau=1.0, n=12):
+def rollouts(model, tok, rows, block_size, max_blocks=3, seed=5, tau=1.0, n=12, sub_block=None):
     return sample_rollouts(model, rows[:n], 2, block_size=block_size, max_blocks=max_blocks, mask_id=tok.mask_token_id,
                            eos_id=tok.eos_token_id, tau=tau, temperature=1.0, device="cpu",
-                           generator=torch.Generator().manual_seed(seed))
+                           generator=torch.Generator().manual_seed(seed), sub_block=sub_block)
 
 
 @pytest.mark.parametrize("divergence", ["forward", "reverse"])
@@ -141,6 +141,29 @@ def test_rollouts_record_canvas_and_step(toy):
                 assert now.any()                                                 # every step commits something
                 assert (canvas[now] == tok.mask_token_id).all()
                 assert torch.equal(canvas[res.commit_step[i, blk] < k], res.tokens[i, blk][res.commit_step[i, blk] < k])
+
+
+def test_sub_block_rollouts_fill_chunks_in_order_and_replay(toy):
+    """With sub-blocks, every chunk of a block is committed before any position of the next one; the replay loss
+    needs nothing more than the recorded commit steps."""
+    tok, _, rows = toy
+    model = tiny_model()
+    B, S = 8, 4
+    prompt, res = rollouts(model, tok, rows, B, tau=0.3, sub_block=S)
+    n, c = res.tokens.shape
+    chunks_checked = 0
+    for i in range(n):
+        for b in range(c // B):
+            if int(res.steps[i, b]) == 0:                                       # a block after the row ended
+                continue
+            step = res.commit_step[i, b * B:(b + 1) * B].view(B // S, S)
+            assert (step[:-1].amax(1) < step[1:].amin(1)).all()
+            chunks_checked += 1
+    assert chunks_checked > 0
+    loss, stats = opd_loss(model, tiny_model(1), prompt, res, B, tok.mask_token_id)
+    assert torch.isfinite(loss) and stats["kl"] > 0
+    whole = rollouts(model, tok, rows, B, tau=0.3)[1]
+    assert not torch.equal(whole.commit_step, res.commit_step)                  # the option reaches the sampler
 
 
 def test_loss_positions_and_fill():
