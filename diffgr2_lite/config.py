@@ -14,6 +14,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 DATASETS = ("synthetic", "amazon_beauty")
+SCHEDULE_NAMES = ("cosine", "stable_decay", "constant")   # train.SCHEDULES, named here so config stays free of torch
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,7 @@ class Profile:
     collide_share: float = 0.25       # further rows relabelled so that SID prefixes collide (copy by label, not prefix)
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
+    ar_schedule: str = "cosine"       # of the SFT learning rate: one of SCHEDULE_NAMES
     batch_size: int = 32
     lambda_reasoning: float = 0.5     # GR2's decoupled weights: lambda_r < lambda_o
     lambda_answer: float = 1.0
@@ -225,6 +227,9 @@ def validate_profile(profile: Profile) -> Profile:
     if profile.model.hidden % profile.model.heads:
         raise ConfigError(f"profile field model.hidden={profile.model.hidden} must be a multiple of "
                           f"model.heads={profile.model.heads}")
+    if profile.ar_schedule not in SCHEDULE_NAMES:
+        raise ConfigError(f"profile field ar_schedule={profile.ar_schedule!r} is invalid: must be one of "
+                          f"{', '.join(SCHEDULE_NAMES)}")
     if profile.relabel_share + profile.collide_share > 1:
         raise ConfigError(f"profile fields relabel_share={profile.relabel_share} and collide_share="
                           f"{profile.collide_share} are shares of the same rows: their sum must be at most 1")

@@ -62,7 +62,21 @@ def constant_lr(step: int, total: int, warmup: int) -> float:
     return (step + 1) / warmup if step < warmup else 1.0
 
 
-SCHEDULES = {"cosine": cosine_lr, "constant": constant_lr}
+def stable_decay_lr(step: int, total: int, warmup: int, decay: float = 0.2) -> float:
+    """Warm-up, then the base rate until the last ``decay`` share of the steps, then cosine decay to 0 over them.
+
+    Why: a skill that arrives as a sudden drop of the loss (copying, notebook 02) needs a learning rate that is
+    still high when the drop comes; a cosine schedule starts shrinking it from the first step after warm-up.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    start = warmup + (1 - decay) * (total - warmup)
+    if step < start:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / max(1.0, total - start))))
+
+
+SCHEDULES = {"cosine": cosine_lr, "constant": constant_lr, "stable_decay": stable_decay_lr}
 
 
 # ----------------------------------------------------------------------------------------------- best state

@@ -62,3 +62,9 @@ def test_relabelled_shares_cannot_exceed_the_rows():
     assert get_profile("smoke", relabel_share=0.5, collide_share=0.5).collide_share == 0.5
     with pytest.raises(ConfigError, match="relabel_share=0.75 and collide_share=0.5"):
         get_profile("smoke", relabel_share=0.75, collide_share=0.5)
+
+
+def test_unknown_sft_schedule_is_refused_with_the_valid_names():
+    with pytest.raises(ConfigError, match=r"ar_schedule='linear' is invalid: must be one of cosine, stable_decay"):
+        get_profile("smoke", ar_schedule="linear")
+    assert get_profile("smoke", ar_schedule="stable_decay").ar_schedule == "stable_decay"

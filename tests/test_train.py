@@ -246,3 +246,16 @@ def test_a_failing_compiler_falls_back_to_eager():
         else:
             hist[compile] = trainer.fit(data, sft_terms, keep_best=False)["loss"]
     assert hist[True] == hist[False]
+
+
+def test_stable_decay_lr_holds_the_rate_until_the_last_fifth():
+    from diffgr2_lite.config import SCHEDULE_NAMES
+    from diffgr2_lite.train import SCHEDULES, stable_decay_lr
+
+    assert set(SCHEDULE_NAMES) == set(SCHEDULES)                # the profile's names are the trainer's schedules
+    assert stable_decay_lr(0, 110, 10) == pytest.approx(0.1)
+    assert stable_decay_lr(10, 110, 10) == 1.0 and stable_decay_lr(89, 110, 10) == 1.0
+    assert stable_decay_lr(90, 110, 10) == pytest.approx(1.0)   # decay starts at 10 + 0.8 * 100
+    assert stable_decay_lr(100, 110, 10) == pytest.approx(0.5)
+    assert stable_decay_lr(110, 110, 10) == pytest.approx(0.0, abs=1e-12)
+    assert stable_decay_lr(50, 100, 0, decay=0.5) == 1.0 and stable_decay_lr(75, 100, 0, decay=0.5) == pytest.approx(0.5)
