@@ -1,4 +1,9 @@
-"""Which SFT settings make the AR re-ranker's first pick beat the retriever? Sequential variants after one warm-up."""
+"""Which SFT settings make the AR re-ranker's first pick beat the retriever? Sequential variants after one warm-up.
+
+Archived: written at commit de7ba51 for the format of that time (unlabelled candidates, picks written as numbers,
+``ar.train``), and kept as the record of how ``2026-11-26-h200-trace-diagnostics.json`` was made. It does not run
+against the current package; ``evaluate.first_pick_probe`` is today's form of its first-pick measurement.
+"""
 import copy, json, os, sys, time
 import torch
 from diffgr2_lite.config import get_profile
