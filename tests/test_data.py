@@ -162,6 +162,17 @@ def test_teacher_traces_are_longer_than_the_answer_and_of_fixed_width(ex):
     assert len(lengths) == 1            # every completion has the same length: the answer always starts at one place
 
 
+def test_teacher_step1_names_each_category_and_brand_once(ex):
+    """Step 1 lists the history's most common categories and brands with their counts: never one name twice."""
+    for split in ("train", "reading", "test"):
+        for row in ex.splits[split]:
+            step1 = row["completion"].split("step2")[0]
+            for field in ("categories", "brands"):
+                names = [t for t in step1.split(field)[1].split(";")[0].split()[0::2] if t != "-"]
+                assert len(names) == len(set(names)), (field, step1)
+                assert names or field == "brands"                # every item has a category, not every one a brand
+
+
 def test_teacher_check_tags_hand_case():
     """The check step's columns and points on a hand-made catalogue: each tag is exactly what the prompt shows."""
     from diffgr2_lite.data.catalog import Catalog
