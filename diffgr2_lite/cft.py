@@ -47,10 +47,11 @@ def cft_loss_fn(profile: Profile, ex, answer_mask_prob: float = 0.0, complementa
     return loss_fn
 
 
-def _fit_cft(profile: Profile, ex, model, *, loss_fn, lambda_r: float, epochs: float, lr: float, seed: int, desc: str,
-             validate=None) -> dict:
-    """The CFT training loop on the teacher trajectories: the same rows and the same relabelled share as SFT."""
-    return train_supervised(model, ex.training_rows(), ex.tokenizer, loss_fn=loss_fn,
+def _fit_cft(profile: Profile, ex, model, rows, *, loss_fn, lambda_r: float, epochs: float, lr: float, seed: int,
+             desc: str, validate=None) -> dict:
+    """The CFT training loop on the teacher trajectories (``rows``: ``ex.training_rows()``, the same rows as SFT),
+    with the same relabelled and colliding share."""
+    return train_supervised(model, rows, ex.tokenizer, loss_fn=loss_fn,
                             transform=relabel_transform(ex.tokenizer, ex.fmt, profile.relabel_share, profile.seed + 2,
                                                         process_device(profile.device), profile.collide_share),
                             epochs=epochs, lr=lr, batch_size=profile.batch_size, grad_accum=profile.grad_accum,
@@ -68,7 +69,8 @@ def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: floa
     s = VARIANTS[variant]
     model = copy.deepcopy(ar_model).to(profile.device)
     lambda_r = profile.lambda_answer if s["answer_weighted_reasoning"] else profile.lambda_reasoning
-    hist = _fit_cft(profile, ex, model, loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
+    hist = _fit_cft(profile, ex, model, ex.training_rows(),
+                    loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
                     lambda_r=lambda_r, epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr),
                     seed=profile.seed, desc=f"CFT ({variant})", validate=diffusion_validate(profile, ex, n=128))
     return model, hist
@@ -78,7 +80,8 @@ def continue_cft(profile: Profile, ex, model, steps: int, desc: str = "CFT (cont
     """More CFT steps on the fixed teacher trajectories (with CFT's relabelled rows): the off-policy control OPD is
     compared with."""
     model = copy.deepcopy(model)
-    epochs = steps * profile.batch_size * profile.grad_accum / len(ex.training_rows())
-    hist = _fit_cft(profile, ex, model, loss_fn=cft_loss_fn(profile, ex), lambda_r=profile.lambda_reasoning,
+    rows = ex.training_rows()
+    epochs = steps * profile.batch_size * profile.grad_accum / len(rows)
+    hist = _fit_cft(profile, ex, model, rows, loss_fn=cft_loss_fn(profile, ex), lambda_r=profile.lambda_reasoning,
                     epochs=epochs, lr=profile.opd_lr, seed=profile.seed + 7, desc=desc)
     return model, hist
