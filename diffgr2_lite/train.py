@@ -50,11 +50,16 @@ from .progress import tqdm
 
 
 # ----------------------------------------------------------------------------------------------- schedules
+def _half_cosine(start: float, step: int, total: int) -> float:
+    """1 at ``start``, falling along half a cosine to 0 at ``total`` (and 0 after it)."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / max(1, total - start))))
+
+
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (a factor of the base rate)."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return _half_cosine(warmup, step, total)
 
 
 def constant_lr(step: int, total: int, warmup: int) -> float:
@@ -71,9 +76,7 @@ def stable_decay_lr(step: int, total: int, warmup: int, decay: float = 0.2) -> f
     if step < warmup:
         return (step + 1) / warmup
     start = warmup + (1 - decay) * (total - warmup)
-    if step < start:
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / max(1.0, total - start))))
+    return 1.0 if step < start else _half_cosine(start, step, total)
 
 
 SCHEDULES = {"cosine": cosine_lr, "constant": constant_lr, "stable_decay": stable_decay_lr}
