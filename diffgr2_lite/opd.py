@@ -182,8 +182,8 @@ def train_opd(student, teacher, train_ds, example_set, *, steps: int, prompts: i
     ``train_ds`` rows need ``prompt_ids`` and ``candidates`` (rollouts are parsed to report their valid rate).
     ``validate(student)`` returns a score (e.g. validation NDCG@3) every ``validate_every`` steps and at the end;
     with ``keep_best`` the best-scoring weights are restored at the end. ``sub_block``: rollouts through left-to-right
-    chunks of that many positions (default: the whole block, the paper's sampler). Returns a history dict with lists ``step``,
-    ``kl``, ``fill_ce``, ``loss``, ``valid`` (valid rate of the step's rollouts), ``tokens_per_forward``,
+    chunks of that many positions (default: the whole block, the paper's sampler). Returns a history dict with lists
+    ``step``, ``kl``, ``fill_ce``, ``loss``, ``valid`` (valid rate of the step's rollouts), ``tokens_per_forward``,
     ``val_step``, ``val`` and ``seconds``.
     """
     tok = example_set.tokenizer

@@ -183,8 +183,8 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     else:
         model = new_model(profile, ex)
     max_new = max_completion_len(train_ds) + 8
-    cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, schedule=profile.ar_schedule, batch_size=profile.batch_size,
-               lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer,
+    cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, schedule=profile.ar_schedule,
+               batch_size=profile.batch_size, lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer,
                transform=relabel_transform(tok, ex.fmt, profile.relabel_share, profile.seed + 1,
                                            process_device(profile.device), profile.collide_share))
     cfg.update(_engine(profile))

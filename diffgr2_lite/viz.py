@@ -217,7 +217,8 @@ def speed_findings(rows: list[dict], vs_len: list[dict] | None = None) -> list[s
                      key=lambda r: (r.get("sub_block") or 0, -r["tau"]))
         if ar is None or not dif:
             continue
-        each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at {setting_label(r)} (valid {_pct(r['valid_rate'])})" for r in dif)
+        each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at {setting_label(r)} (valid {_pct(r['valid_rate'])})"
+                         for r in dif)
         out.append(f"**Batch {b}.** AR: {ar['tokens_per_s']:,.0f} tokens/s, {ar['ms_per_forward']:.2f} ms per forward, "
                    f"valid {_pct(ar['valid_rate'])}. Block diffusion (B = {dif[0]['block_size']}) commits "
                    f"{min(r['tokens_per_forward'] for r in dif):.2f}–{max(r['tokens_per_forward'] for r in dif):.2f} "
@@ -228,7 +229,8 @@ def speed_findings(rows: list[dict], vs_len: list[dict] | None = None) -> list[s
     if ok:
         best = max(ok, key=lambda r: r["speedup_vs_ar"])
         out.append(f"**The goal** (faster than AR with every output valid and AR's R@1) **is met** by {len(ok)} "
-                   f"setting(s); the fastest: {best['speedup_vs_ar']:.2f}× at batch {best['batch']}, {setting_label(best)}.")
+                   f"setting(s); the fastest: {best['speedup_vs_ar']:.2f}× at batch {best['batch']}, "
+                   f"{setting_label(best)}.")
     else:
         out.append("**The goal** (faster than AR with every output valid and AR's R@1) **is not met**: no diffusion "
                    "setting here is faster than AR with all of its outputs valid at AR's R@1.")

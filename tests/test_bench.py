@@ -154,7 +154,8 @@ def test_sub_block_settings_get_their_own_rows():
     rows = benchmark(torch.nn.Linear(2, 2), torch.arange(4)[:, None].repeat(1, 5), ROWS, ExampleSet(), cfg,
                      timer=CLOCK, ar_cls=FakeAR, diffusion_cls=FakeDiffusion, log=None)
     # a chunk as long as the block is the whole block: sub-block 4 of B = 4 is not a setting of its own
-    assert [(r["tau"], r["sub_block"]) for r in rows] == [(None, None), (1.0, None), (0.5, None), (1.0, 2), (0.5, 2)]
+    assert [(r["tau"], r["sub_block"]) for r in rows] == [(None, None), (1.0, None), (0.5, None), (1.0, 2),
+                                                          (0.5, 2)]
     assert FakeDiffusion.made == [(1.0, None), (0.5, None), (1.0, 2), (0.5, 2)]   # the decoder gets its sub-block
 
 

@@ -342,7 +342,8 @@ def test_parse_with_missing_candidates_does_not_raise(candidates):
 
 def test_answer_items_resume_after_a_stray_token():
     """A label followed by no SID is a stray and reading resumes at the very next token (the SID behind it counts)."""
-    body = ["[1]", "<a_1>", "<b_2>", "<c_3>", "[2]", "[3]", "<a_4>", "<b_5>", "<c_6>", "oops", "<a_7>", "<b_8>", "<c_9>"]
+    body = ["[1]", "<a_1>", "<b_2>", "<c_3>", "[2]", "[3]", "<a_4>", "<b_5>", "<c_6>", "oops",
+            "<a_7>", "<b_8>", "<c_9>"]
     assert answer_items(body, 3) == [(0, ("<a_1>", "<b_2>", "<c_3>"), 0), (1, None, 4),
                                      (2, ("<a_4>", "<b_5>", "<c_6>"), 5), (None, None, 9),
                                      (None, ("<a_7>", "<b_8>", "<c_9>"), 10)]

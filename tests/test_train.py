@@ -258,4 +258,5 @@ def test_stable_decay_lr_holds_the_rate_until_the_last_fifth():
     assert stable_decay_lr(90, 110, 10) == pytest.approx(1.0)   # decay starts at 10 + 0.8 * 100
     assert stable_decay_lr(100, 110, 10) == pytest.approx(0.5)
     assert stable_decay_lr(110, 110, 10) == pytest.approx(0.0, abs=1e-12)
-    assert stable_decay_lr(50, 100, 0, decay=0.5) == 1.0 and stable_decay_lr(75, 100, 0, decay=0.5) == pytest.approx(0.5)
+    assert stable_decay_lr(50, 100, 0, decay=0.5) == 1.0
+    assert stable_decay_lr(75, 100, 0, decay=0.5) == pytest.approx(0.5)
