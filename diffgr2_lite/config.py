@@ -47,6 +47,7 @@ class Profile:
     title_words: int = 2
     teacher_tries: int = 8            # rejection sampling: draws per training example
     teacher_temperature: float = 0.25  # of the teacher's Plackett-Luce draws (low: traces mostly follow its points)
+    trace_ranks: bool = True          # the trace ends with every candidate's rank (teacher.Teacher.trace)
     reading_ratio: float = 1.0        # reading examples (answer-free trace openings) per rejection-sampled example
     # model
     model: ModelSize = field(default_factory=lambda: ModelSize(64, 2, 4, 128))
@@ -263,6 +264,8 @@ def _check_value(name: str, value, hint) -> None:
         number = isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
         if not (number and math.isfinite(value) and value in rng):
             raise ConfigError(f"profile field {name}={value!r} is invalid: must be {what} {rng}")
+    elif hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"profile field {name}={value!r} must be true or false")
     elif hint is str and not isinstance(value, str):
         raise ConfigError(f"profile field {name}={value!r} must be a string")
 

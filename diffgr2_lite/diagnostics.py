@@ -14,6 +14,9 @@ stops being one, which is what tells you what the model has not learned:
   ``history`` (a history item has it), or ``nowhere``. Codes copied from the wrong item are the signature of a model
   that copies by SID prefix instead of by label.
 
+When the trace ends with the candidates' ranks (``ranks #2 #1 ...``), :func:`ranks_state` says whether an answer's
+mistake was already in those ranks (``broken``: not a permutation) or was made while copying them (``departed``).
+
 :func:`failure_table` counts these over a whole evaluation, for notebooks 02 and 04.
 """
 from __future__ import annotations
@@ -94,13 +97,32 @@ def pick_agrees(output, n_candidates: int) -> bool | None:
     return picked == first
 
 
+def ranks_state(output, n_candidates: int) -> str | None:
+    """How the answer relates to the trace's ``ranks`` list: ``followed`` (its labels are the order the ranks give),
+    ``departed`` (the ranks are a permutation, the answer's labels are not their order), ``broken`` (the ranks are
+    not a permutation of ``#1``..``#N``); None when there is no ranks list or no answer."""
+    tokens = output_tokens(output)
+    if "ranks" not in tokens or ANSWER not in tokens:
+        return None
+    i = tokens.index("ranks") + 1
+    ranks = tokens[i:i + n_candidates]
+    expected = [f"#{k + 1}" for k in range(n_candidates)]
+    if sorted(ranks, key=lambda t: (len(t), t)) != expected:
+        return "broken"
+    order = [label_token(ranks.index(f"#{k + 1}")) for k in range(n_candidates)]
+    a = len(tokens) - 1 - tokens[::-1].index(ANSWER)
+    labels = [t for t in tokens[a + 1:] if t in set(order)][:n_candidates]
+    return "followed" if labels == order else "departed"
+
+
 def failure_table(outputs: list[str], rows: list[dict], sid_words) -> dict:
     """Counts of :func:`locate_failure` over an evaluation (``rows`` carry ``candidates`` and ``history`` item ids).
 
     Returns ``n``, ``invalid``, and for invalid outputs the counts of ``where``, ``kind``, ``level`` and
-    ``copied_from``, plus ``pick_disagrees`` (answers whose first item is not the trace's pick).
+    ``copied_from``, plus ``pick_disagrees`` (answers whose first item is not the trace's pick) and ``ranks`` (the
+    :func:`ranks_state` of invalid outputs whose trace writes ranks).
     """
-    where, kind, level, source = Counter(), Counter(), Counter(), Counter()
+    where, kind, level, source, ranks = Counter(), Counter(), Counter(), Counter(), Counter()
     disagree = 0
     for out, r in zip(outputs, rows):
         cands = [sid_words(c) for c in r["candidates"]]
@@ -111,11 +133,15 @@ def failure_table(outputs: list[str], rows: list[dict], sid_words) -> dict:
             continue
         where[f["where"]] += 1
         kind[f["kind"]] += 1
+        state = ranks_state(out, len(cands))
+        if state:
+            ranks[state] += 1
         if f["level"]:
             level[f["level"]] += 1
             source[f["copied_from"]] += 1
     return {"n": len(outputs), "invalid": sum(where.values()), "where": dict(where), "kind": dict(kind),
-            "level": dict(level), "copied_from": dict(source), "pick_disagrees": disagree}
+            "level": dict(level), "copied_from": dict(source), "pick_disagrees": disagree,
+            "ranks": dict(ranks)}
 
 
 def failure_rows(systems: dict[str, dict], ds, sid_words) -> list[dict]:
@@ -135,5 +161,7 @@ def failure_rows(systems: dict[str, dict], ds, sid_words) -> list[dict]:
         row["copied from cand/hist/none"] = "/".join(f"{t['copied_from'].get(s, 0) / oos:.0%}"
                                                      for s in ("candidate", "history", "nowhere"))
         row["answer ≠ pick"] = f"{t['pick_disagrees'] / max(1, n):.1%}"
+        if t["ranks"]:
+            row["ranks already broken"] = f"{t['ranks'].get('broken', 0) / bad:.0%}"
         out.append(row)
     return out

@@ -46,7 +46,7 @@ def profile_hash(profile: Profile, *fields: str) -> str:
 
 DATA_FIELDS = ("dataset", "seed", "synthetic_users", "synthetic_items", "max_users", "history_len", "n_candidates",
                "train_positions", "max_eval", "sid_levels", "title_words", "teacher_tries", "teacher_temperature",
-               "reading_ratio")
+               "reading_ratio", "trace_ranks")
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffgr2_lite.diagnostics import failure_table, locate_failure, pick_agrees
+from diffgr2_lite.diagnostics import failure_table, locate_failure, pick_agrees, ranks_state
 from diffgr2_lite.text import build_answer, sid_tokens
 
 # ten candidates sharing prefixes the way real ones do: pairs share their first code, 4 and 5 share two codes
@@ -99,3 +99,27 @@ def test_failure_table_counts():
     t = failure_table(outputs, rows, lambda i: sids[i])
     assert t["n"] == 3 and t["invalid"] == 2
     assert t["where"] == {"rest": 1, "no answer": 1} and t["kind"] == {"duplicate": 1, "no answer": 1}
+
+
+def with_ranks(ranks: list[int], order: list[int]) -> str:
+    """A trace whose ranks list gives candidate k the rank ``ranks[k]``, then an answer in ``order``."""
+    trace = "<think> pick [1] ; ranks " + " ".join(f"#{r}" for r in ranks) + " . </think> <answer>"
+    return " ".join([trace, *[t for k in order for t in item(k)], "</answer> <eos>"])
+
+
+def test_ranks_state_tells_a_copy_mistake_from_a_counting_one():
+    ranks = [2, 1, 3, 4, 5, 6, 7, 8, 9, 10]                                  # [2] first, then [1], [3], ...
+    order = [1, 0, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert ranks_state(with_ranks(ranks, order), 10) == "followed"
+    assert ranks_state(with_ranks(ranks, [0, 1, *order[2:]]), 10) == "departed"      # valid, but not the ranks' order
+    assert ranks_state(with_ranks(ranks, [1, 0, 0, *order[3:]]), 10) == "departed"   # a duplicate made while copying
+    assert ranks_state(with_ranks([2, 2, 3, 4, 5, 6, 7, 8, 9, 10], order), 10) == "broken"   # #2 twice, no #1
+    assert ranks_state(with_ranks(ranks[:9], order), 10) == "broken"                 # a rank missing
+    assert ranks_state(answer([t for k in order for t in item(k)]), 10) is None       # no ranks written
+    assert ranks_state("<think> ranks #1 #2 </think>", 10) is None                   # no answer
+    # the failure table counts the ranks' state of invalid outputs only
+    rows = [{"candidates": list(range(10)), "history": [10, 11]}] * 3
+    outputs = [with_ranks(ranks, order), with_ranks(ranks, [1, 0, 0, *order[3:]]),
+               with_ranks([2, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 1, *order[2:]])]
+    t = failure_table(outputs, rows, lambda i: (CANDS + HISTORY)[i])
+    assert t["invalid"] == 2 and t["ranks"] == {"departed": 1, "broken": 1}

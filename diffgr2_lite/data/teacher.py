@@ -81,6 +81,12 @@ class TeacherStats:
         return cls(leaf_of, names, counts / counts.sum(1, keepdims=True))
 
 
+def rank_tokens(ranking: list[int]) -> list[str]:
+    """Each candidate's place in ``ranking``, in retriever order: ranking [1, 0, 2] -> ['#2', '#1', '#3']."""
+    place = {c: k for k, c in enumerate(ranking)}
+    return [f"#{place[c] + 1}" for c in range(len(ranking))]
+
+
 def best_first(scores: np.ndarray) -> list[int]:
     """Positions by descending score, ties in the retriever's order."""
     return [int(i) for i in np.lexsort((np.arange(len(scores)), -np.asarray(scores)))]
@@ -89,8 +95,9 @@ def best_first(scores: np.ndarray) -> list[int]:
 class Teacher:
     """Evidence, points, the deterministic ranking that follows a pick, and the trace that explains it."""
 
-    def __init__(self, catalog: Catalog, stats: TeacherStats, points: np.ndarray | None = None):
-        self.catalog, self.stats = catalog, stats
+    def __init__(self, catalog: Catalog, stats: TeacherStats, points: np.ndarray | None = None,
+                 write_ranks: bool = True):
+        self.catalog, self.stats, self.write_ranks = catalog, stats, write_ranks
         self.points = np.asarray(points if points is not None else [3, 1, 1, 0, 0, 2], dtype=float)
 
     # ---------------------------------------------------------------- evidence and points
@@ -168,8 +175,17 @@ class Teacher:
         return None, tries
 
     def trace(self, history: list[int], candidates: list[int], first: int) -> str:
-        """The three-step explanation ending in the first pick (the answer then follows from the check's points)."""
-        return " ".join([self.reading(history, candidates), "pick", label_token(first), "."])
+        """The three-step explanation ending in the first pick and, with ``write_ranks``, every candidate's rank.
+
+        The ranks (``ranks #2 #1 #3 ...``: candidate ``[k]``'s place in the answer, in the check's order) split the
+        answer's one hard step, "which candidate comes k-th", into two easy ones: a rank is a count over the check's
+        points, and the answer's k-th item is the label whose rank is ``#k``. Each answer slot is then a lookup that
+        needs no other slot of the answer, which is what a parallel decoder that fills slots in any order needs.
+        """
+        words = [self.reading(history, candidates), "pick", label_token(first)]
+        if self.write_ranks:
+            words += [";", "ranks", *rank_tokens(self.ranking(self.scores(history, candidates), first))]
+        return " ".join(words + ["."])
 
     def slots(self) -> list[tuple[str, ...]]:
         """The check's columns: groups of mutually exclusive tags, kept when one of their tags earns points."""
