@@ -1,0 +1,71 @@
+"""With every candidate's rank in the trace, is validity still limited by copying? AR SFT under two schedules,
+then CFT from each, on the same data.
+
+    DIFFGR2_RUNS=/tmp/runs python results/checks/ranks_copy.py data <out.json>        # build the data once, first
+    DIFFGR2_RUNS=/tmp/runs python results/checks/ranks_copy.py <variant> <out.json>   # then variants side by side
+
+A variant is ``<schedule>_e<epochs>``: the AR learning-rate schedule (``cosine`` as the full profile, or
+``stable_decay``: the base rate held until the last fifth of the steps) and the SFT epochs. Everything else is the
+full profile (seed 0). Each variant records the SFT loss curve, where the loss first fell below 0.05 (mean of 100
+steps), AR free decoding on validation users 256..1255 with its failure table, then CFT (the full profile's recipe)
+from that AR model, decoded on the same users with the plain sampler (tau 1.0, block 32) and with 8-token
+sub-blocks, each with its failure table (which includes whether the trace's ranks were already broken).
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from diffgr2_lite import cft as cft_mod
+from diffgr2_lite import pipeline as pl
+from diffgr2_lite.config import get_profile
+from diffgr2_lite.decoders import ar_decoder, diffusion_decoder
+from diffgr2_lite.diagnostics import failure_table
+from diffgr2_lite.evaluate import evaluate
+
+variant, out = sys.argv[1], sys.argv[2]
+P0 = get_profile(os.environ.get("PROF", "full"))
+t0 = time.time()
+ex = pl.get_examples(P0, progress=False)
+if variant == "data":
+    sys.exit(0)
+schedule, epochs = variant.rsplit("_e", 1)
+P = replace(P0, ar_schedule=schedule, ar_epochs=float(epochs))
+res = {"variant": variant, "schedule": schedule, "ar_epochs": float(epochs),
+       "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu"}
+valid = ex.splits["valid"]
+start = 256 if len(valid) > 512 else 0
+rows_ds = valid.select(range(start, min(start + 1000, len(valid))))
+rows = rows_ds.to_list()
+
+
+def record(name, scored):
+    res[name] = {"valid": scored["metrics"]["valid_rate"], "recall@1": scored["metrics"]["recall@1"],
+                 "strict_recall@1": scored["metrics_strict"]["recall@1"],
+                 "failures": failure_table(scored["outputs"], rows, ex.sid_words)}
+    print(variant, name, json.dumps({k: v for k, v in res[name].items() if k != "failures"}),
+          json.dumps(res[name]["failures"]), f"{time.time() - t0:.0f}s", flush=True)
+    json.dump(res, open(out, "w"), indent=1)                        # partial results survive a time limit
+
+
+model, hist = pl.train_ar(P, ex, "reasoning")
+steps, loss = np.array(hist["step"]), np.array(hist["loss"])
+window = [(s, float(loss[(steps > s - 100) & (steps <= s)].mean())) for s in steps if s >= 100]
+res["sft"] = {"steps": hist["steps"], "seconds": hist["seconds"], "loss_last": float(loss[-1]),
+              "loss_curve": [[int(s), float(v)] for s, v in zip(steps, loss)],
+              "below_0.05_at": next((s for s, m in window if m < 0.05), None)}
+print(variant, "SFT", res["sft"]["loss_last"], res["sft"]["below_0.05_at"], f"{time.time() - t0:.0f}s", flush=True)
+record("ar_free", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device), rows_ds, ex, P.eval_batch,
+                           P.device))
+cft_model, h = cft_mod.train_cft(P, ex, model, "cft")
+res["cft_train"] = {"steps": h["steps"], "seconds": h["seconds"], "loss_last": h["loss"][-1]}
+for name, sub in (("cft_plain", None), ("cft_sub8", 8)):
+    record(name, evaluate(diffusion_decoder(cft_model, ex, P, 1.0, sub_block=sub), rows_ds, ex, P.eval_batch,
+                          P.device))
+res["seconds"] = time.time() - t0
+json.dump(res, open(out, "w"), indent=1)
+print(variant, "done", f"{res['seconds']:.0f}s", flush=True)
