@@ -38,7 +38,7 @@ res = {"variant": variant, "schedule": schedule, "seed": int(seed),
 model, hist = pl.train_ar(P, ex, "reasoning")
 steps, loss = np.array(hist["step"]), np.array(hist["loss"])
 window = [(s, float(loss[(steps > s - 100) & (steps <= s)].mean())) for s in steps if s >= 100]
-below = next((s for s, m in window if m < 0.05), None)
+below = next((int(s) for s, m in window if m < 0.05), None)
 total = hist["steps"]
 res["sft"] = {"steps": total, "seconds": hist["seconds"], "loss_last": float(loss[-1]),
               "loss_curve": [[int(s), float(v)] for s, v in zip(steps, loss)], "below_0.05_at": below,

@@ -57,7 +57,7 @@ steps, loss = np.array(hist["step"]), np.array(hist["loss"])
 window = [(s, float(loss[(steps > s - 100) & (steps <= s)].mean())) for s in steps if s >= 100]
 res["sft"] = {"steps": hist["steps"], "seconds": hist["seconds"], "loss_last": float(loss[-1]),
               "loss_curve": [[int(s), float(v)] for s, v in zip(steps, loss)],
-              "below_0.05_at": next((s for s, m in window if m < 0.05), None)}
+              "below_0.05_at": next((int(s) for s, m in window if m < 0.05), None)}
 print(variant, "SFT", res["sft"]["loss_last"], res["sft"]["below_0.05_at"], f"{time.time() - t0:.0f}s", flush=True)
 record("ar_free", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device), rows_ds, ex, P.eval_batch,
                            P.device))
