@@ -20,6 +20,7 @@ def test_builtin_profiles_are_valid():
     ({"opd_tau": 1.5}, "opd_tau=1.5 is invalid: must be a number in (0, 1]"),
     ({"bench_taus": [0.9, 0.0]}, "bench_taus[1]=0.0 is invalid: must be a number in (0, 1]"),
     ({"sid_levels": ()}, "sid_levels=() must be a non-empty tuple"),
+    ({"trace_ranks": "yes"}, "trace_ranks='yes' must be true or false"),
     ({"max_users": 0}, "max_users=0 is invalid: must be an integer >= 1"),
     ({"model": {"hidden": 64, "layers": 0, "heads": 4, "intermediate": 128}}, "model.layers=0 is invalid"),
     ({"model": {"hidden": 10, "layers": 1, "heads": 4, "intermediate": 8}}, "model.hidden=10 must be a multiple"),

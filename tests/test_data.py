@@ -251,6 +251,20 @@ def test_teacher_points_fit_the_best_training_recall():
     assert teacher.fit_points([([0], [1, 3], 0), ([0], [3, 1], 0)]) == 1.0
 
 
+def test_every_completion_answers_in_the_order_its_ranks_give(ex):
+    """Built data, every split: the trace's ranks are a permutation and the answer writes the candidates in exactly
+    their order (the first is the pick), so an answer slot is a lookup of the rank list."""
+    from diffgr2_lite.diagnostics import ranks_state
+
+    for split in ("train", "reading", "valid", "test"):
+        for row in ex.splits[split].select(range(min(40, len(ex.splits[split])))):
+            words = row["completion"].split()
+            assert ranks_state(words, len(row["candidates"])) == "followed", row["completion"]
+            ranks = words[words.index("ranks") + 1:words.index("ranks") + 1 + len(row["candidates"])]
+            assert ranks[row["teacher_ranking"][0]] == "#1"
+            assert words[words.index("pick") + 1] == f"[{row['teacher_ranking'][0] + 1}]"
+
+
 def test_reading_examples_carry_a_random_pick_without_loss(ex, profile):
     """Reading examples: the same trace opening a full trace has for that prompt, a pick drawn at random, and the
     answer that follows from the check and that pick; their decision carries no loss (decision_weight 0)."""
