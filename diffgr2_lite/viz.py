@@ -209,7 +209,8 @@ def setting_label(r: dict) -> str:
 
 
 def speed_findings(rows: list[dict], vs_len: list[dict] | None = None) -> list[str]:
-    """Markdown bullets about the speed benchmark, read from its rows (``bench.benchmark`` / speed.json)."""
+    """Markdown bullets about the speed benchmark, read from its rows (``bench.benchmark`` / speed.json): one per
+    batch size, the diffusion settings grouped by sampler (whole block, then each sub-block size)."""
     out = []
     for b in sorted({r["batch"] for r in rows}):
         ar = next((r for r in rows if r["batch"] == b and r["decoder"] == "ar"), None)
@@ -217,13 +218,18 @@ def speed_findings(rows: list[dict], vs_len: list[dict] | None = None) -> list[s
                      key=lambda r: (r.get("sub_block") or 0, -r["tau"]))
         if ar is None or not dif:
             continue
-        each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at {setting_label(r)} (valid {_pct(r['valid_rate'])})"
-                         for r in dif)
+        groups = []
+        for sub in dict.fromkeys(r.get("sub_block") or 0 for r in dif):
+            name = f"sub-blocks of {sub}" if sub else "whole block"
+            each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at τ {r['tau']} (valid {_pct(r['valid_rate'])})"
+                             for r in dif if (r.get("sub_block") or 0) == sub)
+            groups.append(f"{name}: {each}")
         out.append(f"**Batch {b}.** AR: {ar['tokens_per_s']:,.0f} tokens/s, {ar['ms_per_forward']:.2f} ms per forward, "
-                   f"valid {_pct(ar['valid_rate'])}. Block diffusion (B = {dif[0]['block_size']}) commits "
-                   f"{min(r['tokens_per_forward'] for r in dif):.2f}–{max(r['tokens_per_forward'] for r in dif):.2f} "
-                   f"tokens per forward at {min(r['ms_per_forward'] for r in dif):.2f}–"
-                   f"{max(r['ms_per_forward'] for r in dif):.2f} ms per forward: {each} of AR's tokens/s.")
+                   f"valid {_pct(ar['valid_rate'])}. Block diffusion (B = {dif[0]['block_size']}) against AR's "
+                   f"tokens/s, {'; '.join(groups)}. It commits {min(r['tokens_per_forward'] for r in dif):.2f}–"
+                   f"{max(r['tokens_per_forward'] for r in dif):.2f} tokens per forward at "
+                   f"{min(r['ms_per_forward'] for r in dif):.2f}–{max(r['ms_per_forward'] for r in dif):.2f} ms per "
+                   "forward.")
     ok = [r for r in rows if r["decoder"] != "ar" and r["speedup_vs_ar"] > 1 and r["valid_rate"] >= 1
           and r["recall@1"] >= next(a["recall@1"] for a in rows if a["decoder"] == "ar" and a["batch"] == r["batch"])]
     if ok:
@@ -279,8 +285,8 @@ def run_findings(records: dict, source: str = "") -> str:
                        "order): " + ", ".join(f"{r1(s):.3f}" for s, _ in chain) + "; strict R@1 (invalid = miss): "
                        + ", ".join(f"{records[s]['metrics_strict']['recall@1']:.3f}" for s, _ in chain) + ".")
     if "speed" in records and records["speed"].get("rows"):
-        bullets.append("**Speed** (" + str(records["speed"].get("device")) + ", notebook 08). "
-                       + " ".join(speed_findings(records["speed"]["rows"])))
+        bullets.append("**Speed** (" + str(records["speed"].get("device")) + ", notebook 08):\n"
+                       + "\n".join(f"  * {line}" for line in speed_findings(records["speed"]["rows"])))
     missing = [s for s in ("retriever", "teacher", "ar", "ar_constrained", "naive", "cft", "opd", "rl", "speed")
                if s not in records]
     if missing:

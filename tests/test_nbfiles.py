@@ -247,12 +247,14 @@ def test_findings_are_read_from_records():
     text = run_findings({"retriever": rec("retriever", 0.3, 1.0), "ar": rec("ar", 0.375, 0.5),
                          "naive": rec("naive", 0.3, 0.0, tau=1.0), "speed": {"device": "GPU", "rows": rows}})
     assert "R@1 0.375" in text and "0.300" in text and "naive conversion 0.0%" in text
-    assert "2.50× at τ 0.9" in text and "**is met**" in text and "Not measured yet: teacher" in text
+    assert "whole block: 2.50× at τ 0.9 (valid 100.0%)" in text and "**is met**" in text
+    assert "Not measured yet: teacher" in text and "\n  * **Batch 1.**" in text      # speed: one sub-bullet per batch
     rows[1]["valid_rate"] = 0.9
     assert "**is not met**" in " ".join(speed_findings(rows))
     rows.append({**rows[1], "sub_block": 8, "valid_rate": 1.0, "speedup_vs_ar": 1.5})
     text = " ".join(speed_findings(rows))
-    assert "1.50× at τ 0.9, sub-blocks of 8 (valid 100.0%)" in text and "**is met**" in text
+    assert "whole block: 2.50× at τ 0.9 (valid 90.0%); sub-blocks of 8: 1.50× at τ 0.9 (valid 100.0%)" in text
+    assert "**is met**" in text
     assert "1.50× at batch 1, τ 0.9, sub-blocks of 8." in text
     from diffgr2_lite.viz import speed_table
 
