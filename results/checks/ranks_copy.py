@@ -4,9 +4,9 @@ then CFT from each, on the same data.
     DIFFGR2_RUNS=/tmp/runs python results/checks/ranks_copy.py data <out.json>        # build the data once, first
     DIFFGR2_RUNS=/tmp/runs python results/checks/ranks_copy.py <variant> <out.json>   # then variants side by side
 
-A variant is ``<schedule>_e<epochs>``: the AR learning-rate schedule (``cosine`` as the full profile, or
-``stable_decay``: the base rate held until the last fifth of the steps) and the SFT epochs. Everything else is the
-full profile (seed 0). Each variant records the SFT loss curve, where the loss first fell below 0.05 (mean of 100
+A variant is ``<schedule>_e<epochs>`` or ``<schedule>_e<epochs>_s<seed>``: the AR learning-rate schedule (``cosine``
+as the full profile, or ``stable_decay``: the base rate held until the last fifth of the steps), the SFT epochs, and
+the training seed (default 0). The data is the full profile's (seed 0) in every variant, so only training differs. Each variant records the SFT loss curve, where the loss first fell below 0.05 (mean of 100
 steps), AR free decoding on validation users 256..1255 with its failure table, then CFT (the full profile's recipe)
 from that AR model, decoded on the same users with the plain sampler (tau 1.0, block 32) and with 8-token
 sub-blocks, each with its failure table (which includes whether the trace's ranks were already broken).
@@ -28,14 +28,22 @@ from diffgr2_lite.diagnostics import failure_table
 from diffgr2_lite.evaluate import evaluate
 
 variant, out = sys.argv[1], sys.argv[2]
+
+
+def to_json(o):
+    """numpy scalars (a step number, a loss) as plain numbers: a check must never die writing its results."""
+    return o.item() if hasattr(o, "item") else str(o)
+
+
 P0 = get_profile(os.environ.get("PROF", "full"))
 t0 = time.time()
 ex = pl.get_examples(P0, progress=False)
 if variant == "data":
     sys.exit(0)
-schedule, epochs = variant.rsplit("_e", 1)
-P = replace(P0, ar_schedule=schedule, ar_epochs=float(epochs))
-res = {"variant": variant, "schedule": schedule, "ar_epochs": float(epochs),
+name, _, seed = variant.rpartition("_s") if "_s" in variant.split("_e")[-1] else (variant, "", "0")
+schedule, epochs = name.rsplit("_e", 1)
+P = replace(P0, ar_schedule=schedule, ar_epochs=float(epochs), seed=int(seed))
+res = {"variant": variant, "schedule": schedule, "ar_epochs": float(epochs), "seed": int(seed),
        "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu"}
 valid = ex.splits["valid"]
 start = 256 if len(valid) > 512 else 0
@@ -49,7 +57,7 @@ def record(name, scored):
                  "failures": failure_table(scored["outputs"], rows, ex.sid_words)}
     print(variant, name, json.dumps({k: v for k, v in res[name].items() if k != "failures"}),
           json.dumps(res[name]["failures"]), f"{time.time() - t0:.0f}s", flush=True)
-    json.dump(res, open(out, "w"), indent=1)                        # partial results survive a time limit
+    json.dump(res, open(out, "w"), indent=1, default=to_json)                        # partial results survive a time limit
 
 
 model, hist = pl.train_ar(P, ex, "reasoning")
@@ -67,5 +75,5 @@ for name, sub in (("cft_plain", None), ("cft_sub8", 8)):
     record(name, evaluate(diffusion_decoder(cft_model, ex, P, 1.0, sub_block=sub), rows_ds, ex, P.eval_batch,
                           P.device))
 res["seconds"] = time.time() - t0
-json.dump(res, open(out, "w"), indent=1)
+json.dump(res, open(out, "w"), indent=1, default=to_json)
 print(variant, "done", f"{res['seconds']:.0f}s", flush=True)
