@@ -85,6 +85,8 @@ def test_garbage_never_raises(garbage):
     f = locate_failure(garbage, CANDS, HISTORY)
     assert f["where"] in ("no answer", "pick", "rest", "end")
     assert pick_agrees(garbage, 10) is None
+    assert ranks_state(garbage, 10) is None
+    assert ranks_state(f"ranks #1 <answer> {garbage}", 10) == "broken"          # a ranks list cut short
 
 
 def test_no_candidates_is_a_clear_error():
