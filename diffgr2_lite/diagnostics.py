@@ -15,7 +15,8 @@ stops being one, which is what tells you what the model has not learned:
   that copies by SID prefix instead of by label.
 
 When the trace ends with the candidates' ranks (``ranks #2 #1 ...``), :func:`ranks_state` says whether an answer's
-mistake was already in those ranks (``broken``: not a permutation) or was made while copying them (``departed``).
+mistake was already in those ranks (``broken``: not a permutation), was made while following them (``departed``: the
+answer's order is not theirs), or lies inside an item whose label was right (``followed``: e.g. a wrong SID code).
 
 :func:`failure_table` counts these over a whole evaluation, for notebooks 02 and 04.
 """
@@ -98,20 +99,31 @@ def pick_agrees(output, n_candidates: int) -> bool | None:
 
 
 def ranks_state(output, n_candidates: int) -> str | None:
-    """How the answer relates to the trace's ``ranks`` list: ``followed`` (its labels are the order the ranks give),
-    ``departed`` (the ranks are a permutation, the answer's labels are not their order), ``broken`` (the ranks are
-    not a permutation of ``#1``..``#N``); None when there is no ranks list or no answer."""
+    """How the answer relates to the trace's ``ranks`` list (the last one before the answer).
+
+    ``broken``: the ranks are not a permutation of ``#1``..``#N`` (or a further rank follows them); ``departed``: they
+    are, but the answer's labels are not the order they give; ``followed``: the answer's labels are that order (an
+    invalid answer can still have followed them, with a wrong SID under the right label). None when there is no
+    answer, or no ranks list before it. Never raises on model output.
+    """
     tokens = output_tokens(output)
-    if "ranks" not in tokens or ANSWER not in tokens:
+    n = int(n_candidates)
+    if EOS in tokens:
+        tokens = tokens[: tokens.index(EOS)]
+    if n <= 0 or ANSWER not in tokens:
         return None
-    i = tokens.index("ranks") + 1
-    ranks = tokens[i:i + n_candidates]
-    expected = [f"#{k + 1}" for k in range(n_candidates)]
-    if sorted(ranks, key=lambda t: (len(t), t)) != expected:
-        return "broken"
-    order = [label_token(ranks.index(f"#{k + 1}")) for k in range(n_candidates)]
     a = len(tokens) - 1 - tokens[::-1].index(ANSWER)
-    labels = [t for t in tokens[a + 1:] if t in set(order)][:n_candidates]
+    if "ranks" not in tokens[:a]:
+        return None
+    i = a - tokens[:a][::-1].index("ranks")                  # just after the last "ranks" before the answer
+    ranks, after = tokens[i:i + n], tokens[i + n:i + n + 1]
+    expected = [f"#{k + 1}" for k in range(n)]
+    if sorted(ranks, key=lambda t: (len(t), t)) != expected or (after and after[0].startswith("#")):
+        return "broken"
+    order = [label_token(ranks.index(f"#{k + 1}")) for k in range(n)]
+    body = tokens[a + 1:]
+    body = body[: body.index(END_ANSWER)] if END_ANSWER in body else body
+    labels = [t for t in body if t in set(order)][:n]
     return "followed" if labels == order else "departed"
 
 
@@ -120,7 +132,7 @@ def failure_table(outputs: list[str], rows: list[dict], sid_words) -> dict:
 
     Returns ``n``, ``invalid``, and for invalid outputs the counts of ``where``, ``kind``, ``level`` and
     ``copied_from``, plus ``pick_disagrees`` (answers whose first item is not the trace's pick) and ``ranks`` (the
-    :func:`ranks_state` of invalid outputs whose trace writes ranks).
+    :func:`ranks_state` of invalid outputs that have an answer and a ranks list before it).
     """
     where, kind, level, source, ranks = Counter(), Counter(), Counter(), Counter(), Counter()
     disagree = 0

@@ -201,14 +201,14 @@ def test_teacher_check_tags_hand_case():
     # whatever the pick, the rest follows the points with ties in retriever order: one answer per (prompt, pick)
     assert teacher.ranking(teacher.scores(history, cands), 3) == [3, 1, 0, 2]
     assert teacher.ranking(teacher.scores(history, cands), 2) == [2, 1, 0, 3]
-    trace = teacher.trace(history, cands, 1)
+    trace = teacher.trace(history, cands, teacher.ranking(teacher.scores(history, cands), 1))
     # the ranks: [1] is 2nd, [2] (the pick) 1st, [3] 3rd (tied with [1] on points, later in the retriever's order)
     assert trace.endswith("step3 check [1] - - first = 2 ; [2] =brand - - = 3 ; [3] brand+ =cat - = 2 ; "
                           "[4] - - - = 0 ; pick [2] ; ranks #2 #1 #3 #4 .")
     # another pick moves to the front and the others keep their order by points
-    assert teacher.trace(history, cands, 3).endswith("pick [4] ; ranks #3 #2 #4 #1 .")
+    assert teacher.trace(history, cands, [3, 1, 0, 2]).endswith("pick [4] ; ranks #3 #2 #4 #1 .")
     teacher.write_ranks = False
-    assert teacher.trace(history, cands, 1).endswith("[4] - - - = 0 ; pick [2] .")
+    assert teacher.trace(history, cands, [1, 0, 2, 3]).endswith("[4] - - - = 0 ; pick [2] .")
     assert trace.startswith("step1 history : 2 items ; categories Toners x1 Cleansers x1 - - ; brands Bolt x1 "
                             "Acme x1 ; last Cleansers Acme . step2 after Cleansers comes ")
     assert teacher.reading(history, cands) == trace[: -len(" pick [2] ; ranks #2 #1 #3 #4 .")]

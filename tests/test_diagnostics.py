@@ -119,6 +119,12 @@ def test_ranks_state_tells_a_copy_mistake_from_a_counting_one():
     assert ranks_state(with_ranks(ranks[:9], order), 10) == "broken"                 # a rank missing
     assert ranks_state(answer([t for k in order for t in item(k)]), 10) is None       # no ranks written
     assert ranks_state("<think> ranks #1 #2 </think>", 10) is None                   # no answer
+    text = with_ranks(ranks, order)
+    assert ranks_state(text.replace("</answer>", "ranks #1 </answer>"), 10) == "followed"   # a "ranks" in the answer
+    assert ranks_state(text.replace("#10 .", "#10 #11 ."), 10) == "broken"              # one rank too many
+    cut = with_ranks(ranks, order[:5]).replace("</answer> <eos>", "<eos> [6] [7] [8] [9] [10]")
+    assert ranks_state(cut, 10) == "departed"                                         # labels after <eos> don't count
+    assert ranks_state(text, 10.0) == "followed" and ranks_state(text, 0) is None
     # the failure table counts the ranks' state of invalid outputs only
     rows = [{"candidates": list(range(10)), "history": [10, 11]}] * 3
     outputs = [with_ranks(ranks, order), with_ranks(ranks, [1, 0, 0, *order[3:]]),

@@ -256,6 +256,12 @@ def test_findings_are_read_from_records():
     assert "whole block: 2.50× at τ 0.9 (valid 90.0%); sub-blocks of 8: 1.50× at τ 0.9 (valid 100.0%)" in text
     assert "**is met**" in text
     assert "1.50× at batch 1, τ 0.9, sub-blocks of 8." in text
+    rows.append({**rows[1], "block_size": 8, "sub_block": None, "speedup_vs_ar": 1.2, "valid_rate": 0.5})
+    text = " ".join(speed_findings(rows))
+    assert "Block diffusion (B = 8, 32)" in text and "B = 8, whole block: 1.20× at τ 0.9 (valid 50.0%)" in text
+    assert "B = 32, sub-blocks of 8: 1.50×" in text
+    assert "**is met**" in " ".join(speed_findings(rows + [{**rows[1], "batch": 4}])) # no AR row at batch 4: no error
+    rows.pop()
     from diffgr2_lite.viz import speed_table
 
     assert [r["sub-block"] for r in speed_table(rows)] == ["", "", 8]

@@ -146,7 +146,7 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
 
     def row(u, hist, cands, ranking, decision_weight):
         cand_sids = [sids_of[c] for c in cands]
-        reasoning = teacher.trace(hist[-shown:], cands, ranking[0])
+        reasoning = teacher.trace(hist[-shown:], cands, ranking)
         return {"user": data.user_ids[u], "history": hist[-profile.history_len:], "candidates": cands,
                 "teacher_ranking": ranking, "decision_weight": decision_weight,
                 "prompt": build_prompt(fmt, [item_repr(h) for h in hist], [item_repr(c) for c in cands]),

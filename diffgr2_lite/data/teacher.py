@@ -82,7 +82,8 @@ class TeacherStats:
 
 
 def rank_tokens(ranking: list[int]) -> list[str]:
-    """Each candidate's place in ``ranking``, in retriever order: ranking [1, 0, 2] -> ['#2', '#1', '#3']."""
+    """Each candidate's place in ``ranking`` (a permutation of the positions 0..n-1), in retriever order:
+    ranking [1, 0, 2] -> ['#2', '#1', '#3']."""
     place = {c: k for k, c in enumerate(ranking)}
     return [f"#{place[c] + 1}" for c in range(len(ranking))]
 
@@ -174,17 +175,19 @@ class Teacher:
                 return self.ranking(s, target_pos), k
         return None, tries
 
-    def trace(self, history: list[int], candidates: list[int], first: int) -> str:
-        """The three-step explanation ending in the first pick and, with ``write_ranks``, every candidate's rank.
+    def trace(self, history: list[int], candidates: list[int], ranking: list[int]) -> str:
+        """The three-step explanation of ``ranking``: ending in its first pick and, with ``write_ranks``, every
+        candidate's rank in it (the answer is written from the same ranking, so the two always agree).
 
         The ranks (``ranks #2 #1 #3 ...``: candidate ``[k]``'s place in the answer, in the check's order) split the
-        answer's one hard step, "which candidate comes k-th", into two easy ones: a rank is a count over the check's
-        points, and the answer's k-th item is the label whose rank is ``#k``. Each answer slot is then a lookup that
-        needs no other slot of the answer, which is what a parallel decoder that fills slots in any order needs.
+        answer's one hard step, "which candidate comes k-th", into two easy ones. A rank is a count: the pick is
+        ``#1``, any other candidate is one more than the number of others ahead of it (more points, or as many and
+        earlier in the retriever's order). The answer's k-th item is then the label whose rank is ``#k``, a lookup
+        that needs no other slot of the answer, which is what a parallel decoder that fills slots in any order needs.
         """
-        words = [self.reading(history, candidates), "pick", label_token(first)]
+        words = [self.reading(history, candidates), "pick", label_token(ranking[0])]
         if self.write_ranks:
-            words += [";", "ranks", *rank_tokens(self.ranking(self.scores(history, candidates), first))]
+            words += [";", "ranks", *rank_tokens(ranking)]
         return " ".join(words + ["."])
 
     def slots(self) -> list[tuple[str, ...]]:

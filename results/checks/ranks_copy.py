@@ -22,7 +22,7 @@ import torch
 
 from diffgr2_lite import cft as cft_mod
 from diffgr2_lite import pipeline as pl
-from diffgr2_lite.config import get_profile
+from diffgr2_lite.config import get_profile, validate_profile
 from diffgr2_lite.decoders import ar_decoder, diffusion_decoder
 from diffgr2_lite.diagnostics import failure_table
 from diffgr2_lite.evaluate import evaluate
@@ -31,8 +31,16 @@ variant, out = sys.argv[1], sys.argv[2]
 
 
 def to_json(o):
-    """numpy scalars (a step number, a loss) as plain numbers: a check must never die writing its results."""
-    return o.item() if hasattr(o, "item") else str(o)
+    """numpy values (a step number, a loss, an array) as plain JSON: a check must never die writing its results."""
+    return o.tolist() if hasattr(o, "tolist") else str(o)
+
+
+def dump():
+    """Write the results so far whole or not at all (a failure mid-write must not truncate the last good file)."""
+    text = json.dumps(res, indent=1, default=to_json)
+    with open(out + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(out + ".tmp", out)
 
 
 P0 = get_profile(os.environ.get("PROF", "full"))
@@ -42,7 +50,7 @@ if variant == "data":
     sys.exit(0)
 name, _, seed = variant.rpartition("_s") if "_s" in variant.split("_e")[-1] else (variant, "", "0")
 schedule, epochs = name.rsplit("_e", 1)
-P = replace(P0, ar_schedule=schedule, ar_epochs=float(epochs), seed=int(seed))
+P = validate_profile(replace(P0, ar_schedule=schedule, ar_epochs=float(epochs), seed=int(seed)))
 res = {"variant": variant, "schedule": schedule, "ar_epochs": float(epochs), "seed": int(seed),
        "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu"}
 valid = ex.splits["valid"]
@@ -57,7 +65,7 @@ def record(name, scored):
                  "failures": failure_table(scored["outputs"], rows, ex.sid_words)}
     print(variant, name, json.dumps({k: v for k, v in res[name].items() if k != "failures"}),
           json.dumps(res[name]["failures"]), f"{time.time() - t0:.0f}s", flush=True)
-    json.dump(res, open(out, "w"), indent=1, default=to_json)                        # partial results survive a time limit
+    dump()                        # partial results survive a time limit
 
 
 model, hist = pl.train_ar(P, ex, "reasoning")
@@ -75,5 +83,5 @@ for name, sub in (("cft_plain", None), ("cft_sub8", 8)):
     record(name, evaluate(diffusion_decoder(cft_model, ex, P, 1.0, sub_block=sub), rows_ds, ex, P.eval_batch,
                           P.device))
 res["seconds"] = time.time() - t0
-json.dump(res, open(out, "w"), indent=1, default=to_json)
+dump()
 print(variant, "done", f"{res['seconds']:.0f}s", flush=True)
