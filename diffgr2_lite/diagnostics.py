@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .text import ANSWER, END_ANSWER, EOS, LEVEL_NAMES, answer_items, label_token, output_tokens
+from .text import ANSWER, LEVEL_NAMES, answer_items, label_token, output_tokens, split_output
 
 PARTS = ("no answer", "pick", "rest", "end")
 
@@ -39,21 +39,15 @@ def locate_failure(output, candidates: list[tuple[str, ...]], history: list[tupl
     Returns a dict with ``where`` (``valid`` when nothing is wrong), ``kind``, ``slot`` (1-based item index), and for
     out-of-set SIDs ``level`` (a letter) and ``copied_from``. Never raises on model output.
     """
-    tokens = output_tokens(output)                           # None, a number, a string or tokens: never raises
-    if EOS in tokens:
-        tokens = tokens[: tokens.index(EOS)]
+    _, answer_at, body, closed = split_output(output)       # None, a number, a string or tokens: never raises
     candidates = [tuple(c) for c in candidates or []]
     history = [tuple(h) for h in (history or [])]
     out = {"where": "valid", "kind": None, "slot": None, "level": None, "copied_from": None}
     if not candidates:
         raise ValueError("locate_failure needs the candidates' SIDs (got none)")
     n, sid_len = len(candidates), len(candidates[0])
-    if ANSWER not in tokens:
+    if answer_at is None:
         return {**out, "where": "no answer", "kind": "no answer"}
-    start = len(tokens) - 1 - tokens[::-1].index(ANSWER)
-    body = tokens[start + 1:]
-    closed = END_ANSWER in body
-    body = body[: body.index(END_ANSWER)] if closed else body
     index = {c: k for k, c in enumerate(candidates)}
     seen: set[int] = set()
     for slot, (label, sid, _) in enumerate(answer_items(body, sid_len), start=1):
@@ -106,14 +100,9 @@ def ranks_state(output, n_candidates: int) -> str | None:
     invalid answer can still have followed them, with a wrong SID under the right label). None when there is no
     answer, or no ranks list before it. Never raises on model output.
     """
-    tokens = output_tokens(output)
+    tokens, a, body, _ = split_output(output)
     n = int(n_candidates)
-    if EOS in tokens:
-        tokens = tokens[: tokens.index(EOS)]
-    if n <= 0 or ANSWER not in tokens:
-        return None
-    a = len(tokens) - 1 - tokens[::-1].index(ANSWER)
-    if "ranks" not in tokens[:a]:
+    if n <= 0 or a is None or "ranks" not in tokens[:a]:
         return None
     i = a - tokens[:a][::-1].index("ranks")                  # just after the last "ranks" before the answer
     ranks, after = tokens[i:i + n], tokens[i + n:i + n + 1]
@@ -121,9 +110,8 @@ def ranks_state(output, n_candidates: int) -> str | None:
     if sorted(ranks, key=lambda t: (len(t), t)) != expected or (after and after[0].startswith("#")):
         return "broken"
     order = [label_token(ranks.index(f"#{k + 1}")) for k in range(n)]
-    body = tokens[a + 1:]
-    body = body[: body.index(END_ANSWER)] if END_ANSWER in body else body
-    labels = [t for t in body if t in set(order)][:n]
+    named = set(order)
+    labels = [t for t in body if t in named][:n]
     return "followed" if labels == order else "departed"
 
 

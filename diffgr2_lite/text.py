@@ -26,6 +26,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
 USER, ASSISTANT = "<user>", "<assistant>"
@@ -172,6 +173,29 @@ def output_tokens(output) -> list[str]:
         return []
 
 
+class OutputParts(NamedTuple):
+    """A model output cut where the parser and the diagnostics read it (see :func:`split_output`)."""
+
+    tokens: list[str]            # the output up to its first <eos>
+    answer_at: int | None        # index in ``tokens`` of the last <answer> (None without one)
+    body: list[str]              # the tokens after it, up to </answer>
+    closed: bool                 # whether a </answer> ends the body
+
+
+def split_output(output) -> OutputParts:
+    """Cut an output at its first ``<eos>``, find its last ``<answer>`` and the answer body up to ``</answer>``: the one
+    reading of an output that :func:`parse_ranking` and the failure diagnostics share. Never raises."""
+    tokens = output_tokens(output)
+    if EOS in tokens:
+        tokens = tokens[: tokens.index(EOS)]
+    if ANSWER not in tokens:
+        return OutputParts(tokens, None, [], False)
+    start = len(tokens) - 1 - tokens[::-1].index(ANSWER)      # the last answer span counts
+    body = tokens[start + 1:]
+    closed = END_ANSWER in body
+    return OutputParts(tokens, start, body[: body.index(END_ANSWER)] if closed else body, closed)
+
+
 def read_sid(body: list[str], i: int, sid_len: int) -> tuple[str, ...] | None:
     """The SID starting at ``body[i]`` if the next ``sid_len`` tokens are one code per level, in level order."""
     chunk = tuple(body[i:i + sid_len])
@@ -211,9 +235,7 @@ def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
         candidates = [tuple(c) for c in candidates]               # inside the guard: candidates may be None
         n = len(candidates)
         fallback = list(range(n))
-        tokens = output_tokens(output)
-        if EOS in tokens:
-            tokens = tokens[: tokens.index(EOS)]
+        tokens, answer_at, body, closed = split_output(output)
         index = {c: i for i, c in enumerate(candidates)}
         sid_len = len(candidates[0]) if candidates else 3
         res = ParsedRanking(ranking=fallback, model_ranking=[], valid=False)
@@ -223,15 +245,11 @@ def parse_ranking(output, candidates: list[tuple[str, ...]]) -> ParsedRanking:
             res.malformed = True
             res.notes.append("no candidates to parse against")
             return res
-        if ANSWER not in tokens:
+        if answer_at is None:
             res.malformed = True
             res.notes.append("no <answer> marker")
             return res
-        start = len(tokens) - 1 - tokens[::-1].index(ANSWER)      # the last answer span counts
-        body = tokens[start + 1:]
-        if END_ANSWER in body:
-            body = body[: body.index(END_ANSWER)]
-        else:
+        if not closed:
             res.malformed = True
             res.notes.append("answer not closed")
         res.answer_tokens = len(body)
