@@ -203,9 +203,14 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def sampler_label(sub_block: int | None) -> str:
+    """Which commit order a speed row used, in words: the whole block, or left-to-right sub-blocks of that size."""
+    return f"sub-blocks of {sub_block}" if sub_block else "whole block"
+
+
 def setting_label(r: dict) -> str:
     """A diffusion speed row's sampler setting in words: its threshold, and its sub-blocks when it has them."""
-    return f"τ {r['tau']}" + (f", sub-blocks of {r['sub_block']}" if r.get("sub_block") else "")
+    return f"τ {r['tau']}" + (f", {sampler_label(r['sub_block'])}" if r.get("sub_block") else "")
 
 
 def speed_findings(rows: list[dict], vs_len: list[dict] | None = None) -> list[str]:
@@ -221,7 +226,7 @@ def speed_findings(rows: list[dict], vs_len: list[dict] | None = None) -> list[s
         sizes = sorted({r["block_size"] for r in dif})
         groups = []
         for size, sub in dict.fromkeys((r["block_size"], r.get("sub_block") or 0) for r in dif):
-            name = (f"B = {size}, " if len(sizes) > 1 else "") + (f"sub-blocks of {sub}" if sub else "whole block")
+            name = (f"B = {size}, " if len(sizes) > 1 else "") + sampler_label(sub)
             each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at τ {r['tau']} (valid {_pct(r['valid_rate'])})"
                              for r in dif if (r["block_size"], r.get("sub_block") or 0) == (size, sub))
             groups.append(f"{name}: {each}")
@@ -331,7 +336,7 @@ def plot_speed_frontier(rows: list[dict]):
             fam = [r for r in pts if (r.get("sub_block") or 0) == sub_block]
             ys = [r.get("strict_recall@1") or 0.0 for r in fam]
             ax.plot([r["speedup_vs_ar"] for r in fam], ys, marker="o" if not sub_block else "s", lw=1,
-                    label="block diffusion" + (f", sub-blocks of {sub_block}" if sub_block else ""))
+                    label="block diffusion" + (f", {sampler_label(sub_block)}" if sub_block else ""))
             for i, (r, y) in enumerate(zip(fam, ys)):
                 ax.annotate(f"τ {r['tau']}\nvalid {r['valid_rate']:.0%}", (r["speedup_vs_ar"], y), fontsize=7,
                             ha="center", va="bottom" if i % 2 == 0 else "top", textcoords="offset points",
