@@ -170,3 +170,9 @@ def candidate_token_ids(rows, example_set, tokenizer, device) -> torch.Tensor:
 
 def max_completion_len(ds) -> int:
     return max(len(c) for c in ds["completion_ids"])
+
+
+def decode_budget(train_ds, slack: int = 8) -> int:
+    """How many tokens a decoder may write: the longest training completion plus ``slack`` (every decoder and
+    validation of the series uses this one budget)."""
+    return max_completion_len(train_ds) + slack

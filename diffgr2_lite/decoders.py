@@ -6,13 +6,13 @@ the external assignment decoder. :func:`validation_score` is what every training
 """
 from __future__ import annotations
 
-from .ar import AnswerConstraint, ar_decode, candidate_token_ids, max_completion_len
+from .ar import AnswerConstraint, ar_decode, candidate_token_ids, decode_budget
 from .evaluate import evaluate
 
 
 def ar_max_new(ex) -> int:
     """The decoding budget: the longest training completion plus 8 tokens."""
-    return max_completion_len(ex.splits["train"]) + 8
+    return decode_budget(ex.splits["train"])
 
 
 def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: float = 0.0):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import artifacts as art
-from .ar import max_completion_len, sft_terms
+from .ar import decode_budget, max_completion_len, sft_terms
 from .batches import tokenize_split
 # re-exported (notebooks call them as pl.*): train_cft, continue_cft (05, 06), ar_max_new (08), model_fingerprint
 from .cft import continue_cft, train_cft  # noqa: F401
@@ -182,7 +182,7 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
         model = copy.deepcopy(warm_model).to(profile.device)
     else:
         model = new_model(profile, ex)
-    max_new = max_completion_len(train_ds) + 8
+    max_new = decode_budget(train_ds)
     cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, schedule=profile.ar_schedule,
                batch_size=profile.batch_size, lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer,
                transform=relabel_transform(tok, ex.fmt, profile.relabel_share, profile.seed + 1,
