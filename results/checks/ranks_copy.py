@@ -10,6 +10,7 @@ the training seed (default 0). The data is the full profile's (seed 0) in every 
 steps), AR free decoding on validation users 256..1255 with its failure table, then CFT (the full profile's recipe)
 from that AR model, decoded on the same users with the plain sampler (tau 1.0, block 32) and with 8-token
 sub-blocks, each with its failure table (which includes whether the trace's ranks were already broken).
+``CFT_EPOCHS=6,3`` trains one CFT per listed epoch count from the same AR model (default: the profile's).
 """
 import json
 import os
@@ -77,11 +78,15 @@ res["sft"] = {"steps": hist["steps"], "seconds": hist["seconds"], "loss_last": f
 print(variant, "SFT", res["sft"]["loss_last"], res["sft"]["below_0.05_at"], f"{time.time() - t0:.0f}s", flush=True)
 record("ar_free", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device), rows_ds, ex, P.eval_batch,
                            P.device))
-cft_model, h = cft_mod.train_cft(P, ex, model, "cft")
-res["cft_train"] = {"steps": h["steps"], "seconds": h["seconds"], "loss_last": h["loss"][-1]}
-for name, sub in (("cft_plain", None), ("cft_sub8", 8)):
-    record(name, evaluate(diffusion_decoder(cft_model, ex, P, 1.0, sub_block=sub), rows_ds, ex, P.eval_batch,
-                          P.device))
+for cft_epochs in [float(e) for e in os.environ.get("CFT_EPOCHS", str(P.cft_epochs)).split(",")]:
+    tag = "cft" if cft_epochs == P.cft_epochs else f"cft_e{cft_epochs:g}"
+    cft_model, h = cft_mod.train_cft(replace(P, cft_epochs=cft_epochs), ex, model, "cft")
+    res[f"{tag}_train"] = {"epochs": cft_epochs, "steps": h["steps"], "seconds": h["seconds"],
+                           "loss_last": h["loss"][-1]}
+    for name, sub in ((f"{tag}_plain", None), (f"{tag}_sub8", 8)):
+        record(name, evaluate(diffusion_decoder(cft_model, ex, P, 1.0, sub_block=sub), rows_ds, ex, P.eval_batch,
+                              P.device))
+    del cft_model
 res["seconds"] = time.time() - t0
 dump()
 print(variant, "done", f"{res['seconds']:.0f}s", flush=True)
