@@ -227,7 +227,7 @@ def _row(stage, loop, dev, steps, seconds, flops, tokens, padded, **extra) -> di
 # ----------------------------------------------------------------------------------------------- the benchmark
 def run(profile_name: str = "full", dataset: str | None = None, steps: int = 20, batches=(128, 512, 1024),
         rollout_steps: int = 3, trace: bool = False, out: str | None = None, stages=None,
-        dynamic: bool | None = True, cudagraphs: bool = False) -> dict:
+        dynamic: bool | None = False, cudagraphs: bool = False) -> dict:
     from . import pipeline as pl
     from .ar import sft_terms
     from .batches import DeviceBatches, training_dicts
@@ -486,9 +486,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: results/<profile>/train_speed.json")
     ap.add_argument("--cudagraphs", action="store_true",
                     help="also SFT compiled with mode=reduce-overhead (CUDA graphs) at the profile's batch")
-    ap.add_argument("--dynamic", choices=("auto", "true", "false"), default="true",
-                    help="torch.compile's dynamic shapes (true: the trainer's default, one compilation for every "
-                         "shape; auto: static first, dynamic after a shape changes)")
+    ap.add_argument("--dynamic", choices=("auto", "true", "false"), default="false",
+                    help="torch.compile's dynamic shapes (false: the trainer's default, one compilation per shape; "
+                         "true: one compilation for every shape; auto: static first, dynamic after a shape changes)")
     a = ap.parse_args(argv)
     run(a.profile, a.dataset, a.steps, tuple(a.batches), a.rollout_steps, a.trace, a.out, a.stages,
         {"auto": None, "true": True, "false": False}[a.dynamic], a.cudagraphs)

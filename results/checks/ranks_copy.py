@@ -10,7 +10,8 @@ the training seed (default 0). The data is the full profile's (seed 0) in every 
 steps), AR free decoding on validation users 256..1255 with its failure table, then CFT (the full profile's recipe)
 from that AR model, decoded on the same users with the plain sampler (tau 1.0, block 32) and with 8-token
 sub-blocks, each with its failure table (which includes whether the trace's ranks were already broken).
-``CFT_EPOCHS=6,3`` trains one CFT per listed epoch count from the same AR model (default: the profile's).
+``CFT_EPOCHS=6,3`` trains one CFT per listed epoch count from the same AR model (default: the profile's; empty: no
+CFT). ``COMPILE=1`` trains with torch.compile (static shapes, the trainer's default options).
 """
 import json
 import os
@@ -51,8 +52,9 @@ if variant == "data":
     sys.exit(0)
 name, _, seed = variant.rpartition("_s") if "_s" in variant.split("_e")[-1] else (variant, "", "0")
 schedule, epochs = name.rsplit("_e", 1)
-P = validate_profile(replace(P0, ar_schedule=schedule, ar_epochs=float(epochs), seed=int(seed)))
-res = {"variant": variant, "schedule": schedule, "ar_epochs": float(epochs), "seed": int(seed),
+P = validate_profile(replace(P0, ar_schedule=schedule, ar_epochs=float(epochs), seed=int(seed),
+                             compile=bool(int(os.environ.get("COMPILE", "0"))) or P0.compile))
+res = {"variant": variant, "schedule": schedule, "ar_epochs": float(epochs), "seed": int(seed), "compile": P.compile,
        "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu"}
 valid = ex.splits["valid"]
 start = 256 if len(valid) > 512 else 0
@@ -78,7 +80,7 @@ res["sft"] = {"steps": hist["steps"], "seconds": hist["seconds"], "loss_last": f
 print(variant, "SFT", res["sft"]["loss_last"], res["sft"]["below_0.05_at"], f"{time.time() - t0:.0f}s", flush=True)
 record("ar_free", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device), rows_ds, ex, P.eval_batch,
                            P.device))
-for cft_epochs in [float(e) for e in os.environ.get("CFT_EPOCHS", str(P.cft_epochs)).split(",")]:
+for cft_epochs in [float(e) for e in os.environ.get("CFT_EPOCHS", str(P.cft_epochs)).split(",") if e]:
     tag = "cft" if cft_epochs == P.cft_epochs else f"cft_e{cft_epochs:g}"
     cft_model, h = cft_mod.train_cft(replace(P, cft_epochs=cft_epochs), ex, model, "cft")
     res[f"{tag}_train"] = {"epochs": cft_epochs, "steps": h["steps"], "seconds": h["seconds"],
