@@ -260,3 +260,29 @@ def test_stable_decay_lr_holds_the_rate_until_the_last_fifth():
     assert stable_decay_lr(110, 110, 10) == pytest.approx(0.0, abs=1e-12)
     assert stable_decay_lr(50, 100, 0, decay=0.5) == 1.0
     assert stable_decay_lr(75, 100, 0, decay=0.5) == pytest.approx(0.5)
+
+
+def test_compiling_uses_static_shapes_unless_told_otherwise(monkeypatch):
+    """The device batcher yields a few fixed shapes, so the trainer compiles each one statically (dynamic shapes
+    failed in inductor on the GPU image's torch); explicit compile options replace the default."""
+    seen = []
+
+    def fake_compile(fn, **options):
+        seen.append(options)
+        return lambda *a, **k: fn(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+
+    def loss_a(model, batch):
+        return batch
+
+    def loss_b(model, batch):
+        return batch
+
+    default = Trainer(tiny_model(init=0.05), lr=1e-3, total_steps=1, device="cpu", progress=False, compile=True)
+    assert default.is_compiled(loss_a) and seen == [{"dynamic": False}]
+    told = Trainer(tiny_model(init=0.05), lr=1e-3, total_steps=1, device="cpu", progress=False, compile=True,
+                   compile_options={"dynamic": True})
+    assert told.is_compiled(loss_b) and seen[-1] == {"dynamic": True}
+    off = Trainer(tiny_model(init=0.05), lr=1e-3, total_steps=1, device="cpu", progress=False, compile=False)
+    assert not off.is_compiled(loss_b) and len(seen) == 2
