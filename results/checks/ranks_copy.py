@@ -11,7 +11,9 @@ steps), AR free decoding on validation users 256..1255 with its failure table, t
 from that AR model, decoded on the same users with the plain sampler (tau 1.0, block 32) and with 8-token
 sub-blocks, each with its failure table (which includes whether the trace's ranks were already broken).
 ``CFT_EPOCHS=6,3`` trains one CFT per listed epoch count from the same AR model (default: the profile's; empty: no
-CFT). ``COMPILE=1`` trains with torch.compile (static shapes, the trainer's default options).
+CFT). ``COMPILE=1`` trains with torch.compile (static shapes, the trainer's default options). ``BLOCK=35`` trains and
+decodes CFT with another block size (35 divides 105, where the full profile's fixed-width trace writes ``pick``, so
+the whole check lies in earlier blocks); ``SUBS=8,4`` lists the sub-block sizes decoded besides the plain sampler.
 """
 import json
 import os
@@ -80,13 +82,17 @@ res["sft"] = {"steps": hist["steps"], "seconds": hist["seconds"], "loss_last": f
 print(variant, "SFT", res["sft"]["loss_last"], res["sft"]["below_0.05_at"], f"{time.time() - t0:.0f}s", flush=True)
 record("ar_free", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device), rows_ds, ex, P.eval_batch,
                            P.device))
+block = int(os.environ.get("BLOCK", P.block_size))
+subs = [int(b) for b in os.environ.get("SUBS", "8").split(",") if b]
+res["cft_block_size"] = block
 for cft_epochs in [float(e) for e in os.environ.get("CFT_EPOCHS", str(P.cft_epochs)).split(",") if e]:
     tag = "cft" if cft_epochs == P.cft_epochs else f"cft_e{cft_epochs:g}"
-    cft_model, h = cft_mod.train_cft(replace(P, cft_epochs=cft_epochs), ex, model, "cft")
+    Pc = validate_profile(replace(P, cft_epochs=cft_epochs, block_size=block))
+    cft_model, h = cft_mod.train_cft(Pc, ex, model, "cft")
     res[f"{tag}_train"] = {"epochs": cft_epochs, "steps": h["steps"], "seconds": h["seconds"],
                            "loss_last": h["loss"][-1]}
-    for name, sub in ((f"{tag}_plain", None), (f"{tag}_sub8", 8)):
-        record(name, evaluate(diffusion_decoder(cft_model, ex, P, 1.0, sub_block=sub), rows_ds, ex, P.eval_batch,
+    for name, sub in [(f"{tag}_plain", None)] + [(f"{tag}_sub{b}", b) for b in subs]:
+        record(name, evaluate(diffusion_decoder(cft_model, ex, Pc, 1.0, sub_block=sub), rows_ds, ex, P.eval_batch,
                               P.device))
     del cft_model
 res["seconds"] = time.time() - t0
