@@ -176,3 +176,8 @@ def decode_budget(train_ds, slack: int = 8) -> int:
     """How many tokens a decoder may write: the longest training completion plus ``slack`` (every decoder and
     validation of the series uses this one budget)."""
     return max_completion_len(train_ds) + slack
+
+
+def default_max_blocks(train_ds, block_size: int, slack: int = 8) -> int:
+    """The same budget in blocks of ``block_size``, for the block-diffusion decoders (rounded up)."""
+    return -(-decode_budget(train_ds, slack) // block_size)

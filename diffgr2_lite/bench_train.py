@@ -375,7 +375,7 @@ def _rl_fn(P, ex, model, dev):
 
 def _decoded(ex, P) -> int:
     """Completion positions a rollout decodes when it never ends early (random weights)."""
-    from .opd import default_max_blocks
+    from .ar import default_max_blocks
 
     return default_max_blocks(ex.splits["train"], P.block_size) * P.block_size
 

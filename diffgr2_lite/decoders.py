@@ -6,7 +6,7 @@ the external assignment decoder. :func:`validation_score` is what every training
 """
 from __future__ import annotations
 
-from .ar import AnswerConstraint, ar_decode, candidate_token_ids, decode_budget
+from .ar import AnswerConstraint, ar_decode, candidate_token_ids, decode_budget, default_max_blocks
 from .evaluate import evaluate
 
 
@@ -30,7 +30,6 @@ def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | No
     """Block-diffusion decoding (``sub_block``: left-to-right chunks inside a block); ``assign`` rewrites each answer
     with the external assignment decoder. ``max_blocks``: default, enough for the longest training completion."""
     from .diffusion.sampler import diffusion_decode
-    from .opd import default_max_blocks
     from .text import label_token_ids
 
     tok = ex.tokenizer
@@ -64,7 +63,5 @@ def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") 
 
 def diffusion_validate(profile, ex, n: int = 128, tau: float = 1.0):
     """Strict validation NDCG@3 of a block-diffusion model decoded with the plain sampler."""
-    from .opd import default_max_blocks
-
     blocks = default_max_blocks(ex.splits["train"], profile.block_size)       # once, not at every validation
     return lambda m: validation_score(diffusion_decoder(m, ex, profile, tau, max_blocks=blocks), ex, profile, n=n)

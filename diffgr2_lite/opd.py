@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from .progress import tqdm
 
-from .ar import autocast, completion_logits, decode_budget
+from .ar import autocast, completion_logits, default_max_blocks
 from .diffusion.replay import first_eos, masked_hidden, replay_hidden, select_rows, valid_positions
 from .diffusion.sampler import DecodeResult, diffusion_decode
 from .text import decode_tokens, parse_ranking
@@ -59,11 +59,6 @@ def _rows(ds, idx) -> list[dict]:
     if hasattr(ds, "select"):
         return ds.select([int(i) for i in idx]).select_columns(cols).to_list()
     return [ds[int(i)] for i in idx]
-
-
-def default_max_blocks(train_ds, block_size: int, slack: int = 8) -> int:
-    """Enough blocks for the longest training completion plus ``slack`` tokens (as the pipeline's decoders use)."""
-    return -(-decode_budget(train_ds, slack) // block_size)
 
 
 def sample_rollouts(model, rows: list[dict], repeats: int, *, block_size: int, max_blocks: int, mask_id: int,

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from .progress import tqdm
 
+from .ar import default_max_blocks
 from .diffusion.replay import first_eos, replay_logprobs, select_rows, valid_positions
-from .opd import _rows, default_max_blocks, device_generator, parse_rollouts, sample_rollouts
+from .opd import _rows, device_generator, parse_rollouts, sample_rollouts
 from .text import ParsedRanking
 from .train import BestState, Trainer, maybe_validate
 
