@@ -155,7 +155,8 @@ class Trainer:
     parallelism (see the module docstring).
 
     ``total_steps`` optimizer steps with ``warmup`` warm-up steps (default: 5% of them) and a ``schedule``
-    (``cosine`` or ``constant``). ``mixed_precision``: ``auto`` (bf16 on CUDA, none on CPU), ``bf16`` or ``no``.
+    (a name in :data:`SCHEDULES`: ``cosine``, ``constant`` or ``stable_decay``). ``mixed_precision``: ``auto`` (bf16
+    on CUDA, none on CPU), ``bf16`` or ``no``.
     ``compile``: ``auto`` or None (on CUDA only), True or False; ``compile_options`` go to ``torch.compile``
     (default ``dynamic=False``: static shapes, one compilation per batch shape; the device batcher yields only
     ``length_buckets`` of them. Dynamic shapes failed in inductor on torch 2.11, and static ones measured 2.4x faster
