@@ -48,6 +48,7 @@ class Profile:
     teacher_tries: int = 8            # rejection sampling: draws per training example
     teacher_temperature: float = 0.25  # of the teacher's Plackett-Luce draws (low: traces mostly follow its points)
     trace_ranks: bool = True          # the trace ends with every candidate's rank (teacher.Teacher.trace)
+    align_decision: bool = True       # the trace's decision ends a diffusion block (teacher.Teacher.decision_fill)
     reading_ratio: float = 1.0        # reading examples (answer-free trace openings) per rejection-sampled example
     # model
     model: ModelSize = field(default_factory=lambda: ModelSize(64, 2, 4, 128))

@@ -34,7 +34,7 @@ STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
-DATA_VERSION = 11
+DATA_VERSION = 12
 
 
 def profile_hash(profile: Profile, *fields: str) -> str:
@@ -46,7 +46,7 @@ def profile_hash(profile: Profile, *fields: str) -> str:
 
 DATA_FIELDS = ("dataset", "seed", "synthetic_users", "synthetic_items", "max_users", "history_len", "n_candidates",
                "train_positions", "max_eval", "sid_levels", "title_words", "teacher_tries", "teacher_temperature",
-               "reading_ratio", "trace_ranks")
+               "reading_ratio", "trace_ranks", "align_decision", "block_size")
 
 
 # ----------------------------------------------------------------------------------------------- data

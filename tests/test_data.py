@@ -203,15 +203,27 @@ def test_teacher_check_tags_hand_case():
     assert teacher.ranking(teacher.scores(history, cands), 2) == [2, 1, 0, 3]
     trace = teacher.trace(history, cands, teacher.ranking(teacher.scores(history, cands), 1))
     # the ranks: [1] is 2nd, [2] (the pick) 1st, [3] 3rd (tied with [1] on points, later in the retriever's order)
-    assert trace.endswith("step3 check [1] - - first = 2 ; [2] =brand - - = 3 ; [3] brand+ =cat - = 2 ; "
-                          "[4] - - - = 0 ; pick [2] ; ranks #2 #1 #3 #4 .")
+    assert trace.endswith("step3 check [1] - - first 2 ; [2] =brand - - 3 ; [3] brand+ =cat - 2 ; "
+                          "[4] - - - 0 ; pick [2] ; ranks #2 #1 #3 #4 .")
     # another pick moves to the front and the others keep their order by points
     assert teacher.trace(history, cands, [3, 1, 0, 2]).endswith("pick [4] ; ranks #3 #2 #4 #1 .")
     teacher.write_ranks = False
-    assert teacher.trace(history, cands, [1, 0, 2, 3]).endswith("[4] - - - = 0 ; pick [2] .")
-    assert trace.startswith("step1 history : 2 items ; categories Toners x1 Cleansers x1 - - ; brands Bolt x1 "
+    assert teacher.trace(history, cands, [1, 0, 2, 3]).endswith("[4] - - - 0 ; pick [2] .")
+    assert trace.startswith("step1 history 2 items ; categories Toners x1 Cleansers x1 - - ; brands Bolt x1 "
                             "Acme x1 ; last Cleansers Acme . step2 after Cleansers comes ")
     assert teacher.reading(history, cands) == trace[: -len(" pick [2] ; ranks #2 #1 #3 #4 .")]
+
+    # aligned to diffusion blocks: '-' fill before 'pick' puts the decision at the last position of a block of the
+    # completion (which starts with <think>), whatever the block size; the reading itself is unchanged
+    teacher.write_ranks = True
+    for block in (8, 16, 32):
+        teacher.decision_block = block
+        words = ["<think>", *teacher.trace(history, cands, [1, 0, 2, 3]).split()]
+        decision = words.index("pick") + 1
+        assert words[decision] == "[2]" and (decision + 1) % block == 0
+        fill = words[len(teacher.reading(history, cands).split()) + 1:decision - 1]
+        assert set(fill) <= {"-"} and len(fill) == teacher.decision_fill(len(teacher.reading(history, cands).split()))
+        assert len(fill) < block
 
 
 def test_teacher_rejection_sampling_draws_only_the_pick():

@@ -134,7 +134,8 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     test_ex, n_test = with_candidates(test_raw, lambda u: full_retriever)
 
     # the teacher: category transitions from training parts, its points table fitted on (cross-fitted) training examples
-    teacher = Teacher(cat, TeacherStats.fit(cat, train_parts), write_ranks=profile.trace_ranks)
+    teacher = Teacher(cat, TeacherStats.fit(cat, train_parts), write_ranks=profile.trace_ranks,
+                      decision_block=profile.block_size if profile.align_decision else None)
     shown = profile.history_len                  # the teacher speaks only of the history the prompt shows
     fit_idx = rng.permutation(len(train_ex))[:20000]
     teacher_train_r1 = teacher.fit_points([(train_ex[i][1][-shown:], train_ex[i][3], train_ex[i][4]) for i in fit_idx])

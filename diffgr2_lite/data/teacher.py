@@ -18,13 +18,15 @@ order). A trace is three steps, as GR2's teacher writes them: the pattern in the
 identification, the candidate selection. Selection **checks every candidate** by its label, in retriever order, in
 fixed-width columns (one per tag group that earns points, ``-`` where none holds) with its points, then **picks one**::
 
-    step3 check [1] =brand =cat first = 6 ; [2] brand+ - - = 1 ; ... ; [10] - - - = 0 ; pick [1] .
+    step3 check [1] =brand =cat first 6 ; [2] brand+ - - 1 ; ... ; [10] - - - 0 ; pick [1] .
 
 The answer is then fixed by the check: the pick first, the other nine **by points, ties in the retriever's order**.
 Nothing in a trace is random except the pick, so everything after it can be learned exactly from what the prompt
 shows. (An earlier teacher picked five candidates with Gumbel noise on integer points: in 95% of kept traces picks
 2-5 broke ties at random, and the student could not learn an order that no evidence determines.) The whole trace has
 a fixed width, so every answer starts at the same position of the completion.
+With ``decision_block`` (the diffusion block size), ``-`` fill the gap before ``pick`` so that the decision is the
+last token of a block (:meth:`Teacher.decision_fill` says why a parallel decoder needs this).
 
 Why this shape (Amazon Beauty, full profile, one H200, 2026-11-26;
 ``results/checks/2026-11-26-h200-trace-diagnostics.json``): an earlier teacher ranked by a score that also used
@@ -97,8 +99,9 @@ class Teacher:
     """Evidence, points, the deterministic ranking that follows a pick, and the trace that explains it."""
 
     def __init__(self, catalog: Catalog, stats: TeacherStats, points: np.ndarray | None = None,
-                 write_ranks: bool = True):
+                 write_ranks: bool = True, decision_block: int | None = None):
         self.catalog, self.stats, self.write_ranks = catalog, stats, write_ranks
+        self.decision_block = decision_block
         self.points = np.asarray(points if points is not None else [3, 1, 1, 0, 0, 2], dtype=float)
 
     # ---------------------------------------------------------------- evidence and points
@@ -185,10 +188,25 @@ class Teacher:
         earlier in the retriever's order). The answer's k-th item is then the label whose rank is ``#k``, a lookup
         that needs no other slot of the answer, which is what a parallel decoder that fills slots in any order needs.
         """
-        words = [self.reading(history, candidates), "pick", label_token(ranking[0])]
+        reading = self.reading(history, candidates)
+        words = [reading, *["-"] * self.decision_fill(len(reading.split())), "pick", label_token(ranking[0])]
         if self.write_ranks:
             words += [";", "ranks", *rank_tokens(ranking)]
         return " ".join(words + ["."])
+
+    def decision_fill(self, reading_len: int) -> int:
+        """How many ``-`` go between the check and ``pick`` so that the decision (the label after ``pick``) is the
+        last token of a diffusion block (``decision_block``; 0 without one).
+
+        Why: a block-diffusion decoder commits a block's tokens in confidence order. The decision is the one
+        uncertain token of the trace, and the ranks and the answer are fixed functions of it; in the same block they
+        would be committed *before* it, from the model's guess of a decision it has not made yet. Ending a block on
+        the decision makes everything after it a function of committed tokens. The completion starts with
+        ``<think>``, so the decision's index is ``1 + reading_len + fill + 1``.
+        """
+        if not self.decision_block:
+            return 0
+        return -(reading_len + 3) % self.decision_block
 
     def slots(self) -> list[tuple[str, ...]]:
         """The check's columns: groups of mutually exclusive tags, kept when one of their tags earns points."""
@@ -217,7 +235,7 @@ class Teacher:
         leaves = Counter(cat.leaf(h) for h in history).most_common(3)
         brands = Counter(cat.brands[h] for h in history if cat.brands[h]).most_common(2)
         last = history[-1]
-        step1 = ["step1", "history", ":", str(len(history)), "items", ";", "categories"]
+        step1 = ["step1", "history", str(len(history)), "items", ";", "categories"]
         for item in leaves + [None] * (3 - len(leaves)):
             step1 += [word_token(item[0]), f"x{item[1]}"] if item else ["-", "-"]
         step1 += [";", "brands"]
@@ -230,5 +248,5 @@ class Teacher:
         ev = self.evidence(history, candidates)
         points = ev @ self.points
         for pos, tags in enumerate(self._tags(ev)):
-            step3 += [label_token(pos), *tags, "=", str(int(points[pos])), ";"]
+            step3 += [label_token(pos), *tags, str(int(points[pos])), ";"]
         return " ".join(step1 + step2 + step3)

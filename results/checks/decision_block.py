@@ -1,0 +1,82 @@
+"""Does ending a diffusion block on the trace's decision let CFT write valid rankings at tau = 1.0, block 32?
+
+The trace's one uncertain token is the decision (the label after ``pick``); the ranks and the answer are fixed
+functions of it. A block-diffusion decoder commits a block's tokens in confidence order, so when the decision shares
+a block with its consequences they are committed first, from a guess. The teacher now fills the gap before ``pick``
+so that the decision ends a block (``align_decision``, the full profile's default), and the check lost its ``=``.
+
+    DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py data <out.json>    # build the data once
+    DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py ar <out.json>      # AR SFT, checkpointed
+    DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py cft_e6 <out.json>  # CFT from that AR model
+
+``ar`` trains the full profile's AR SFT (compiled with static shapes when ``COMPILE=1``), saves it as the ``ar``
+stage checkpoint and decodes it freely on validation users 256..1255. ``cft_e<epochs>`` loads that checkpoint, runs
+CFT (the full profile's recipe) for that many epochs and decodes the same users with the plain sampler at tau 1.0
+and 0.9 and with 8-token sub-blocks at tau 1.0, each with its failure table. Several ``cft_e*`` can run side by side.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from diffgr2_lite import cft as cft_mod
+from diffgr2_lite import pipeline as pl
+from diffgr2_lite.config import get_profile, validate_profile
+from diffgr2_lite.decoders import ar_decoder, diffusion_decoder
+from diffgr2_lite.diagnostics import failure_table
+from diffgr2_lite.evaluate import evaluate
+
+mode, out = sys.argv[1], sys.argv[2]
+t0 = time.time()
+P = get_profile(os.environ.get("PROF", "full"))
+P = validate_profile(replace(P, compile=bool(int(os.environ.get("COMPILE", "0"))) or P.compile))
+ex = pl.get_examples(P, progress=False)
+if mode == "data":
+    sys.exit(0)
+words = ex.splits["valid"][0]["completion"].split()
+res = {"mode": mode, "compile": P.compile, "align_decision": P.align_decision,
+       "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu",
+       "layout": {"length": len(words), "decision": words.index("pick") + 1, "ranks": words.index("ranks"),
+                  "answer": words.index("<answer>"), "block_size": P.block_size}}
+valid = ex.splits["valid"]
+start = 256 if len(valid) > 512 else 0
+rows_ds = valid.select(range(start, min(start + 1000, len(valid))))
+rows = rows_ds.to_list()
+
+
+def dump():
+    """Write the results so far whole or not at all (a failure mid-write must not truncate the last good file)."""
+    with open(out + ".tmp", "w") as f:
+        f.write(json.dumps(res, indent=1, default=str))
+    os.replace(out + ".tmp", out)
+
+
+def record(name, scored):
+    res[name] = {"valid": scored["metrics"]["valid_rate"], "recall@1": scored["metrics"]["recall@1"],
+                 "strict_recall@1": scored["metrics_strict"]["recall@1"],
+                 "tokens_per_forward": scored["tokens_per_forward"],
+                 "failures": failure_table(scored["outputs"], rows, ex.sid_words)}
+    print(mode, name, json.dumps({k: v for k, v in res[name].items() if k != "failures"}),
+          json.dumps(res[name]["failures"]), f"{time.time() - t0:.0f}s", flush=True)
+    dump()                        # partial results survive a time limit
+
+
+model, hist = pl.get_ar(P, ex)
+if mode == "ar":
+    res["sft"] = {"steps": hist.get("steps"), "seconds": hist.get("seconds"), "loss_last": hist["loss"][-1]}
+    record("ar_free", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device), rows_ds, ex,
+                               P.eval_batch, P.device))
+else:
+    epochs = float(mode.split("_e")[1])
+    Pc = validate_profile(replace(P, cft_epochs=epochs))
+    cft_model, h = cft_mod.train_cft(Pc, ex, model, "cft")
+    res["cft_train"] = {"epochs": epochs, "steps": h["steps"], "seconds": h["seconds"], "loss_last": h["loss"][-1]}
+    for name, tau, sub in [("plain", 1.0, None), ("sub8", 1.0, 8), ("plain_tau0.9", 0.9, None)]:
+        record(name, evaluate(diffusion_decoder(cft_model, ex, Pc, tau, sub_block=sub), rows_ds, ex, P.eval_batch,
+                              P.device))
+res["seconds"] = time.time() - t0
+dump()
+print(mode, "done", f"{res['seconds']:.0f}s", flush=True)
