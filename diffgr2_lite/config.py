@@ -72,7 +72,7 @@ class Profile:
     # is batch_size x grad_accum x processes rows
     grad_accum: int = 1
     length_buckets: int = 2           # completion-length groups of the device batcher (less padding, a few shapes)
-    compile: bool | None = None       # torch.compile the training losses (None: on CUDA, not on CPU)
+    compile: bool | None = None       # torch.compile the training losses (None: runs of >= 1000 steps on CUDA)
     # block diffusion
     block_size: int = 32
     cft_epochs: float = 1.0
@@ -125,7 +125,7 @@ PROFILES: dict[str, Profile] = {
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
         reading_ratio=3.0, copy_steps=0, copy_batch=256, copy_check_every=250, ar_epochs=16.0, ar_lr=1e-3,
         ar_schedule="stable_decay",
-        cft_epochs=6.0, cft_lr=3e-4, compile=False,
+        cft_epochs=12.0, cft_lr=3e-4, compile=None,
         batch_size=128, eval_batch=512,
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,

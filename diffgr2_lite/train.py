@@ -145,9 +145,18 @@ def _unpack(out):
 
 
 # ----------------------------------------------------------------------------------------------- the trainer
-def compile_enabled(compile, device) -> bool:
-    """Whether losses are compiled: ``None``/``"auto"`` means on CUDA and not on CPU (a profile's ``compile``)."""
-    return torch.device(device).type == "cuda" if compile in (None, "auto") else bool(compile)
+# "auto" compiles a run of at least this many optimizer steps: compiling costs about 20 s per batch shape on an H200
+# and saves about 20 ms per step (results/checks/2026-12-01-h200-train-speed-static-compile.json)
+AUTO_COMPILE_MIN_STEPS = 1000
+
+
+def compile_enabled(compile, device, total_steps: int | None = None) -> bool:
+    """Whether losses are compiled: ``None``/``"auto"`` means on CUDA and not on CPU (a profile's ``compile``), and
+    only for runs of at least :data:`AUTO_COMPILE_MIN_STEPS` steps when ``total_steps`` is known (a short run would
+    spend longer compiling than it saves); True or False decide alone."""
+    if compile not in (None, "auto"):
+        return bool(compile)
+    return torch.device(device).type == "cuda" and (total_steps is None or total_steps >= AUTO_COMPILE_MIN_STEPS)
 
 
 class Trainer:
@@ -157,7 +166,7 @@ class Trainer:
     ``total_steps`` optimizer steps with ``warmup`` warm-up steps (default: 5% of them) and a ``schedule``
     (a name in :data:`SCHEDULES`: ``cosine``, ``constant`` or ``stable_decay``). ``mixed_precision``: ``auto`` (bf16
     on CUDA, none on CPU), ``bf16`` or ``no``.
-    ``compile``: ``auto`` or None (on CUDA only), True or False; ``compile_options`` go to ``torch.compile``
+    ``compile``: ``auto`` or None (on CUDA, for runs of at least :data:`AUTO_COMPILE_MIN_STEPS` steps), True or False; ``compile_options`` go to ``torch.compile``
     (default ``dynamic=False``: static shapes, one compilation per batch shape; the device batcher yields only
     ``length_buckets`` of them. Dynamic shapes failed in inductor on torch 2.11, and static ones measured 2.4x faster
     than eager per SFT step on an H200: ``results/checks/2026-12-01-h200-train-speed-static-compile.json``). Should
@@ -186,7 +195,7 @@ class Trainer:
                 torch.distributed.broadcast(t, src=0)
         cuda = self.device.type == "cuda"
         self.bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and cuda)
-        self.compile = compile_enabled(compile, self.device)
+        self.compile = compile_enabled(compile, self.device, total_steps)
         self.compile_options = {"dynamic": False} if compile_options is None else compile_options
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay, fused=cuda)
         self.lr, self.total_steps = lr, max(1, int(total_steps))

@@ -286,3 +286,12 @@ def test_compiling_uses_static_shapes_unless_told_otherwise(monkeypatch):
     assert told.is_compiled(loss_b) and seen[-1] == {"dynamic": True}
     off = Trainer(tiny_model(init=0.05), lr=1e-3, total_steps=1, device="cpu", progress=False, compile=False)
     assert not off.is_compiled(loss_b) and len(seen) == 2
+
+
+def test_auto_compiles_only_long_runs_on_cuda():
+    from diffgr2_lite.train import AUTO_COMPILE_MIN_STEPS, compile_enabled
+
+    assert not compile_enabled("auto", "cpu", 10 ** 6) and not compile_enabled(None, "cpu")
+    assert compile_enabled(None, "cuda") and compile_enabled("auto", "cuda", AUTO_COMPILE_MIN_STEPS)
+    assert not compile_enabled("auto", "cuda", AUTO_COMPILE_MIN_STEPS - 1)     # compiling would cost more than it saves
+    assert compile_enabled(True, "cpu", 1) and not compile_enabled(False, "cuda", 10 ** 6)   # an explicit choice wins
