@@ -9,7 +9,8 @@ so that the decision ends a block (``align_decision``, the full profile's defaul
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py ar <out.json>      # AR SFT, checkpointed
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py cft_e6 <out.json>  # CFT from that AR model
 
-``ar`` trains the full profile's AR SFT (compiled with static shapes when ``COMPILE=1``), saves it as the ``ar``
+``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0). ``ar`` trains the
+full profile's AR SFT (compiled with static shapes when ``COMPILE=1``), saves it as the ``ar``
 stage checkpoint and decodes it freely on validation users 256..1255. ``cft_e<epochs>`` loads that checkpoint, runs
 CFT (the full profile's recipe) for that many epochs and decodes the same users with the plain sampler at tau 1.0
 and 0.9 and with 8-token sub-blocks at tau 1.0, each with its failure table. Several ``cft_e*`` can run side by side.
@@ -36,14 +37,19 @@ P = validate_profile(replace(P, compile=bool(int(os.environ.get("COMPILE", "0"))
 ex = pl.get_examples(P, progress=False)
 if mode == "data":
     sys.exit(0)
+P = validate_profile(replace(P, seed=int(os.environ.get("SEED", P.seed))))    # the training seed (same data)
 words = ex.splits["valid"][0]["completion"].split()
-res = {"mode": mode, "compile": P.compile, "align_decision": P.align_decision,
+res = {"mode": mode, "seed": P.seed, "compile": P.compile, "align_decision": P.align_decision,
        "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu",
        "layout": {"length": len(words), "decision": words.index("pick") + 1, "ranks": words.index("ranks"),
                   "answer": words.index("<answer>"), "block_size": P.block_size}}
-valid = ex.splits["valid"]
-start = 256 if len(valid) > 512 else 0
-rows_ds = valid.select(range(start, min(start + 1000, len(valid))))
+if os.environ.get("SPLIT") == "test":                 # SPLIT=test: every test user, as the series scores them
+    rows_ds = ex.splits["test"]
+else:
+    valid = ex.splits["valid"]
+    start = 256 if len(valid) > 512 else 0
+    rows_ds = valid.select(range(start, min(start + 1000, len(valid))))
+res["users"] = os.environ.get("SPLIT", "valid 256..1255")
 rows = rows_ds.to_list()
 
 
