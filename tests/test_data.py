@@ -371,3 +371,23 @@ def test_get_profile_overrides_apply():
     p = get_profile("smoke", synthetic_users=123, block_size=8)
     assert p.synthetic_users == 123 and p.block_size == 8 and p.name == "smoke"
     assert get_profile("smoke", dataset="amazon_beauty").dataset == "amazon_beauty"
+
+
+def test_built_completions_end_a_block_on_the_decision(ex, data, profile):
+    """Every completion the example builder writes (train, reading, valid, test) puts the picked label at the last
+    position of a diffusion block; with ``align_decision`` off no ``-`` fill is written before ``pick``."""
+    from dataclasses import replace
+
+    def decisions(e):
+        out = set()
+        for split in ("train", "reading", "valid", "test"):
+            for c in e.splits[split]["completion"]:
+                words = c.split()
+                out.add((words.index("pick") + 1, words[words.index("pick") - 1]))
+        return out
+
+    aligned = decisions(ex)
+    assert {(d + 1) % profile.block_size for d, _ in aligned} == {0}
+    plain = decisions(build_examples(data, replace(profile, align_decision=False), progress=False))
+    assert {before for _, before in plain} == {";"}                   # the check's last ';', no fill
+    assert len({d for d, _ in plain}) == 1 and max(d for d, _ in plain) <= min(d for d, _ in aligned)
