@@ -13,7 +13,7 @@ so that the decision ends a block (``align_decision``, the full profile's defaul
 full profile's AR SFT (compiled with static shapes when ``COMPILE=1``), saves it as the ``ar``
 stage checkpoint and decodes it freely on validation users 256..1255. ``cft_e<epochs>`` loads that checkpoint, runs
 CFT (the full profile's recipe) for that many epochs and decodes the same users with the plain sampler at tau 1.0
-and 0.9 and with 8-token sub-blocks at tau 1.0, each with its failure table. Several ``cft_e*`` can run side by side.
+and 0.9, with 8-token sub-blocks at tau 1.0, and one token per step (tau 1.01), each with its failure table. Several ``cft_e*`` can run side by side.
 """
 import json
 import os
@@ -80,7 +80,9 @@ else:
     Pc = validate_profile(replace(P, cft_epochs=epochs))
     cft_model, h = cft_mod.train_cft(Pc, ex, model, "cft")
     res["cft_train"] = {"epochs": epochs, "steps": h["steps"], "seconds": h["seconds"], "loss_last": h["loss"][-1]}
-    for name, tau, sub in [("plain", 1.0, None), ("sub8", 1.0, 8), ("plain_tau0.9", 0.9, None)]:
+    # tau 1.01: exactly one token per step (at tau 1.0, float32 probabilities that round to 1.0 commit together)
+    for name, tau, sub in [("plain", 1.0, None), ("sub8", 1.0, 8), ("plain_tau0.9", 0.9, None),
+                           ("one_per_step", 1.01, None)]:
         record(name, evaluate(diffusion_decoder(cft_model, ex, Pc, tau, sub_block=sub), rows_ds, ex, P.eval_batch,
                               P.device))
 res["seconds"] = time.time() - t0
