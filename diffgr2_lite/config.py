@@ -75,6 +75,9 @@ class Profile:
     compile: bool | None = None       # torch.compile the training losses (None: runs of >= 1000 steps on CUDA)
     # block diffusion
     block_size: int = 32
+    # the decoder goes through each block in left-to-right chunks of this many positions, in confidence order inside
+    # a chunk (Fast-dLLM v2's sub-blocks; sampler.commit_rule); 0 (or >= block_size): the whole block at once
+    sub_block: int = 8
     cft_epochs: float = 1.0
     cft_lr: float = 5e-4
     cft_ablation_epochs: float = 0.5  # CFT variants compared in notebook 05 (shorter than the main run)
@@ -125,7 +128,7 @@ PROFILES: dict[str, Profile] = {
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
         reading_ratio=3.0, copy_steps=0, copy_batch=256, copy_check_every=250, ar_epochs=16.0, ar_lr=1e-3,
         ar_schedule="stable_decay",
-        cft_epochs=12.0, cft_lr=3e-4, compile=None,
+        cft_epochs=12.0, cft_lr=6e-4, compile=None,
         batch_size=128, eval_batch=512,
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,

@@ -25,16 +25,26 @@ def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: 
     return decode
 
 
+def effective_sub_block(profile, block_size: int, sub_block: int | None = None) -> int | None:
+    """The chunk the decoder commits in: ``sub_block`` (None: the profile's), or None for the whole block (0, or a
+    chunk at least as long as the block)."""
+    s = profile.sub_block if sub_block is None else sub_block
+    return s if s and s < block_size else None
+
+
 def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | None = None, temperature: float = 0.0,
                       assign: bool = False, sub_block: int | None = None, max_blocks: int | None = None):
-    """Block-diffusion decoding (``sub_block``: left-to-right chunks inside a block); ``assign`` rewrites each answer
-    with the external assignment decoder. ``max_blocks``: default, enough for the longest training completion."""
+    """Block-diffusion decoding; ``assign`` rewrites each answer with the external assignment decoder.
+
+    ``sub_block``: left-to-right chunks inside a block (None: the profile's ``sub_block``; 0: the whole block).
+    ``max_blocks``: default, enough for the longest training completion."""
     from .diffusion.sampler import diffusion_decode
     from .text import label_token_ids
 
     tok = ex.tokenizer
     B = block_size or profile.block_size
     max_blocks = max_blocks or default_max_blocks(ex.splits["train"], B)
+    sub_block = effective_sub_block(profile, B, sub_block)
 
     def decode(rows, prompt):
         res = diffusion_decode(model, prompt, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau,
@@ -62,6 +72,7 @@ def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") 
 
 
 def diffusion_validate(profile, ex, n: int = 128, tau: float = 1.0):
-    """Strict validation NDCG@3 of a block-diffusion model decoded with the plain sampler."""
+    """Strict validation NDCG@3 of a block-diffusion model decoded with the series' sampler (the profile's
+    sub-blocks)."""
     blocks = default_max_blocks(ex.splits["train"], profile.block_size)       # once, not at every validation
     return lambda m: validation_score(diffusion_decoder(m, ex, profile, tau, max_blocks=blocks), ex, profile, n=n)

@@ -24,7 +24,8 @@ from .batches import tokenize_split
 from .cft import continue_cft, train_cft  # noqa: F401
 from .config import Profile
 from .copy_warmup import relabel_transform, train_warmup
-from .decoders import ar_decoder, ar_max_new, diffusion_decoder, diffusion_validate, validation_score
+from .decoders import (ar_decoder, ar_max_new, diffusion_decoder, diffusion_validate, effective_sub_block,
+                       validation_score)
 from .evaluate import bootstrap_vs, cached_evaluation, evaluate, fixed_rankings, model_fingerprint  # noqa: F401
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
 from .train import distributed, process_device, train_supervised
@@ -232,14 +233,16 @@ def evaluate_ar(profile: Profile, model, ex, stage: str, constrained: bool = Fal
 def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0, block_size: int | None = None,
                        reference: dict | None = None, split: str = "test", assign: bool = False, write: bool = True,
                        n: int | None = None, sub_block: int | None = None) -> dict:
-    """Decode ``split`` with the block sampler (``sub_block``: left-to-right chunks; ``assign``: the external
-    assignment decoder) and score it; the test split's full evaluation is cached and written as the stage's record."""
+    """Decode ``split`` with the block sampler (``sub_block``: left-to-right chunks, None: the profile's, 0: the whole
+    block; ``assign``: the external assignment decoder) and score it; the test split's full evaluation is cached and
+    written as the stage's record."""
     B = block_size or profile.block_size
+    sub_block = effective_sub_block(profile, B, sub_block)
     ds = ex.splits[split]
     if n is not None:
         ds = ds.select(range(min(n, len(ds))))
     def run():
-        return evaluate(diffusion_decoder(model, ex, profile, tau, B, assign=assign, sub_block=sub_block), ds, ex,
+        return evaluate(diffusion_decoder(model, ex, profile, tau, B, assign=assign, sub_block=sub_block or 0), ds, ex,
                         profile.eval_batch, profile.device, desc=f"decoding {stage} (B={B}, tau={tau})")
 
     if write and split == "test" and n is None:
@@ -301,6 +304,7 @@ def train_opd_stage(profile: Profile, ex, student, teacher, steps: int | None = 
     student = copy.deepcopy(student)
     cfg = dict(steps=steps or profile.opd_steps, prompts=profile.opd_prompts, rollouts=profile.opd_rollouts,
                lr=profile.opd_lr, tau=profile.opd_tau, block_size=profile.block_size, device=profile.device,
+               sub_block=effective_sub_block(profile, profile.block_size),
                seed=profile.seed, validate=diffusion_validate(profile, ex), keep_best=True)
     cfg.update(kw)
     hist = train_opd(student, teacher, ex.splits["train"], ex, **cfg)
@@ -320,6 +324,7 @@ def train_rl_stage(profile: Profile, ex, policy, steps: int | None = None, condi
     policy = copy.deepcopy(policy)
     cfg = dict(steps=steps or profile.rl_steps, prompts=profile.rl_prompts, group=profile.rl_group, lr=profile.rl_lr,
                clip=profile.rl_clip, tau=profile.opd_tau, block_size=profile.block_size, device=profile.device,
+               sub_block=effective_sub_block(profile, profile.block_size),
                seed=profile.seed, conditional=conditional, validate=diffusion_validate(profile, ex), keep_best=True)
     cfg.update(kw)
     hist = train_rl(policy, ex.splits["train"], ex, **cfg)

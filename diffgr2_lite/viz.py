@@ -35,7 +35,8 @@ def results_rows(systems: dict) -> list[dict]:
         row = {"system": name, "n": rec["n_eval"], **{k: f"{m[k]:.4f}" for k in METRICS},
                "strict R@1": f"{ms['recall@1']:.4f}", "valid": f"{m['valid_rate']:.3f}"}
         if "tau" in rec:
-            row["B / tau"] = f"{rec['block_size']} / {rec['tau']}"
+            row["B / tau"] = f"{rec['block_size']} / {rec['tau']}" + (f" / sub {rec['sub_block']}"
+                                                                         if rec.get("sub_block") else "")
             row["tok/fwd"] = f"{rec['tokens_per_forward']:.2f}"
         ci = rec.get("ci95", {}).get("recall@1")
         if ci:

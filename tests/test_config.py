@@ -69,3 +69,17 @@ def test_unknown_sft_schedule_is_refused_with_the_valid_names():
     with pytest.raises(ConfigError, match=r"ar_schedule='linear' is invalid: must be one of cosine, stable_decay"):
         get_profile("smoke", ar_schedule="linear")
     assert get_profile("smoke", ar_schedule="stable_decay").ar_schedule == "stable_decay"
+
+
+def test_effective_sub_block_is_the_profiles_unless_given_and_none_for_the_whole_block():
+    from diffgr2_lite.decoders import effective_sub_block
+
+    P = get_profile("smoke", sub_block=8)
+    assert effective_sub_block(P, 32) == 8
+    assert effective_sub_block(P, 32, 4) == 4
+    assert effective_sub_block(P, 32, 0) is None           # 0: the whole block
+    assert effective_sub_block(P, 8) is None               # a chunk as long as the block is the whole block
+    assert effective_sub_block(P, 4) is None
+    assert effective_sub_block(get_profile("smoke", sub_block=0), 32) is None
+    with pytest.raises(ConfigError, match="sub_block"):
+        validate_profile(get_profile("smoke", sub_block=-1))

@@ -156,3 +156,26 @@ def test_cft_and_its_off_policy_control_train_on_the_same_relabelled_rows(stage,
     cft_mod.train_cft(stage, ex, model)
     cft_mod.continue_cft(stage, ex, model, steps=1)
     assert seen[0] == seen[1] == (len(ex.training_rows()), True, stage.block_size)
+
+
+def test_diffusion_evaluation_decodes_with_the_profiles_sub_blocks_unless_told(stage, monkeypatch):
+    from diffgr2_lite.diffusion import sampler
+
+    seen, real = [], sampler.diffusion_decode
+
+    def spy(*args, **kw):
+        seen.append(kw.get("sub_block"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sampler, "diffusion_decode", spy)
+    ex = pl.get_examples(stage, progress=False)
+    ar, _ = pl.get_ar(stage, ex)
+    assert 0 < stage.sub_block < stage.block_size
+    default = pl.evaluate_diffusion(stage, ar, ex, "naive", n=2, write=False)
+    assert seen[-1] == stage.sub_block and default["record"]["sub_block"] == stage.sub_block
+    whole = pl.evaluate_diffusion(stage, ar, ex, "naive", n=2, write=False, sub_block=0)
+    assert seen[-1] is None and "sub_block" not in whole["record"]
+    four = pl.evaluate_diffusion(stage, ar, ex, "naive", n=2, write=False, sub_block=4)
+    assert seen[-1] == 4 and four["record"]["sub_block"] == 4
+    small = pl.evaluate_diffusion(stage, ar, ex, "naive", n=2, write=False, block_size=stage.sub_block)
+    assert seen[-1] is None                               # a chunk as long as the block is the whole block

@@ -9,7 +9,7 @@ so that the decision ends a block (``align_decision``, the full profile's defaul
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py ar <out.json>      # AR SFT, checkpointed
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py cft_e6 <out.json>  # CFT from that AR model
 
-``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0). ``ar`` trains the
+``LR=6e-4`` overrides CFT's learning rate. ``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0). ``ar`` trains the
 full profile's AR SFT (compiled with static shapes when ``COMPILE=1``), saves it as the ``ar``
 stage checkpoint and decodes it freely on validation users 256..1255. ``cft_e<epochs>`` loads that checkpoint, runs
 CFT (the full profile's recipe) for that many epochs and decodes the same users with the plain sampler at tau 1.0
@@ -77,14 +77,24 @@ if mode == "ar":
                                P.eval_batch, P.device))
 else:
     epochs = float(mode.split("_e")[1])
-    Pc = validate_profile(replace(P, cft_epochs=epochs))
+    Pc = validate_profile(replace(P, cft_epochs=epochs, cft_lr=float(os.environ.get("LR", P.cft_lr))))
     cft_model, h = cft_mod.train_cft(Pc, ex, model, "cft")
-    res["cft_train"] = {"epochs": epochs, "steps": h["steps"], "seconds": h["seconds"], "loss_last": h["loss"][-1]}
-    # tau 1.01: exactly one token per step (at tau 1.0, float32 probabilities that round to 1.0 commit together)
-    for name, tau, sub in [("plain", 1.0, None), ("sub8", 1.0, 8), ("plain_tau0.9", 0.9, None),
-                           ("one_per_step", 1.01, None)]:
+    res["cft_train"] = {"epochs": epochs, "lr": Pc.cft_lr, "steps": h["steps"], "seconds": h["seconds"],
+                        "loss_last": h["loss"][-1]}
+    # tau 1.01: exactly one token per step (at tau 1.0, float32 probabilities that round to 1.0 commit together;
+    # Fast-dLLM v2's reference decoder compares strictly, conf > tau, which at tau 1.0 is one token per step)
+    decodes = [("plain", 1.0, None), ("one_per_step", 1.01, None), ("sub8", 1.0, 8), ("sub8_one_per_step", 1.01, 8),
+               ("sub8_tau0.9", 0.9, 8), ("plain_tau0.9", 0.9, None)]
+    for name, tau, sub in decodes:
         record(name, evaluate(diffusion_decoder(cft_model, ex, Pc, tau, sub_block=sub), rows_ds, ex, P.eval_batch,
                               P.device))
+    if os.environ.get("ALSO_VALID"):         # the same model on validation users 256..1255 (whole block and sub-8)
+        valid = ex.splits["valid"]
+        rows_ds = valid.select(range(256, min(1256, len(valid))))
+        rows = rows_ds.to_list()
+        for name, tau, sub in [("valid_plain", 1.0, None), ("valid_sub8_one_per_step", 1.01, 8)]:
+            record(name, evaluate(diffusion_decoder(cft_model, ex, Pc, tau, sub_block=sub), rows_ds, ex,
+                                  P.eval_batch, P.device))
 res["seconds"] = time.time() - t0
 dump()
 print(mode, "done", f"{res['seconds']:.0f}s", flush=True)
