@@ -179,3 +179,27 @@ def test_diffusion_evaluation_decodes_with_the_profiles_sub_blocks_unless_told(s
     assert seen[-1] == 4 and four["record"]["sub_block"] == 4
     small = pl.evaluate_diffusion(stage, ar, ex, "naive", n=2, write=False, block_size=stage.sub_block)
     assert seen[-1] is None                               # a chunk as long as the block is the whole block
+
+
+def test_validation_and_rollouts_of_diffusion_stages_use_the_profiles_sub_blocks(stage, monkeypatch):
+    from diffgr2_lite import opd, rl
+    from diffgr2_lite.decoders import diffusion_validate
+    from diffgr2_lite.diffusion import sampler
+
+    seen, real = [], sampler.diffusion_decode
+
+    def spy(*args, **kw):
+        seen.append(kw.get("sub_block"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sampler, "diffusion_decode", spy)
+    ex = pl.get_examples(stage, progress=False)
+    ar, _ = pl.get_ar(stage, ex)
+    diffusion_validate(stage, ex, n=2)(ar)                 # the score CFT, OPD and RL keep their best state by
+    assert seen and set(seen) == {stage.sub_block}
+    opd_kw, rl_kw = {}, {}                                   # the rollouts: what each stage passes its trainer
+    monkeypatch.setattr(opd, "train_opd", lambda *args, **kw: opd_kw.update(kw) or {})
+    monkeypatch.setattr(rl, "train_rl", lambda *args, **kw: rl_kw.update(kw) or {})
+    pl.train_opd_stage(stage, ex, ar, ar)
+    pl.train_rl_stage(stage, ex, ar)
+    assert opd_kw["sub_block"] == stage.sub_block and rl_kw["sub_block"] == stage.sub_block
