@@ -9,11 +9,16 @@ so that the decision ends a block (``align_decision``, the full profile's defaul
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py ar <out.json>      # AR SFT, checkpointed
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py cft_e6 <out.json>  # CFT from that AR model
 
-``LR=6e-4`` overrides CFT's learning rate. ``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0). ``ar`` trains the
-full profile's AR SFT (compiled with static shapes when ``COMPILE=1``), saves it as the ``ar``
-stage checkpoint and decodes it freely on validation users 256..1255. ``cft_e<epochs>`` loads that checkpoint, runs
-CFT (the full profile's recipe) for that many epochs and decodes the same users with the plain sampler at tau 1.0
-and 0.9, with 8-token sub-blocks at tau 1.0, and one token per step (tau 1.01), each with its failure table. Several ``cft_e*`` can run side by side.
+Environment: ``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0);
+``LR=6e-4`` overrides CFT's learning rate; ``AR_EPOCHS=24`` the AR SFT's epochs (a changed profile retrains and
+replaces the ``ar`` checkpoint, so give every command of one check the same value); ``COMPILE=1`` compiles training
+with static shapes; ``SPLIT=test`` scores every test user instead of validation users 256..1255; ``ALSO_VALID=1``
+also scores the CFT model on those validation users.
+
+``ar`` trains the full profile's AR SFT, saves it as the ``ar`` stage checkpoint and decodes it freely.
+``cft_e<epochs>`` loads that checkpoint, runs CFT (the full profile's recipe) for that many epochs and decodes the
+same users at tau 1.0 across the whole block and in sub-blocks of 8, each also with exactly one token per step
+(tau 1.01), and at tau 0.9 both ways, each with its failure table. Several ``cft_e*`` can run side by side.
 """
 import json
 import os
@@ -37,9 +42,10 @@ P = validate_profile(replace(P, compile=bool(int(os.environ.get("COMPILE", "0"))
 ex = pl.get_examples(P, progress=False)
 if mode == "data":
     sys.exit(0)
-P = validate_profile(replace(P, seed=int(os.environ.get("SEED", P.seed))))    # the training seed (same data)
+P = validate_profile(replace(P, seed=int(os.environ.get("SEED", P.seed)),      # the training seed (same data)
+                              ar_epochs=float(os.environ.get("AR_EPOCHS", P.ar_epochs))))
 words = ex.splits["valid"][0]["completion"].split()
-res = {"mode": mode, "seed": P.seed, "compile": P.compile, "align_decision": P.align_decision,
+res = {"mode": mode, "seed": P.seed, "ar_epochs": P.ar_epochs, "compile": P.compile, "align_decision": P.align_decision,
        "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu",
        "layout": {"length": len(words), "decision": words.index("pick") + 1, "ranks": words.index("ranks"),
                   "answer": words.index("<answer>"), "block_size": P.block_size}}
