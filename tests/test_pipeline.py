@@ -158,7 +158,9 @@ def test_cft_and_its_off_policy_control_train_on_the_same_relabelled_rows(stage,
     assert seen[0] == seen[1] == (len(ex.training_rows()), True, stage.block_size)
 
 
-def test_diffusion_evaluation_decodes_with_the_profiles_sub_blocks_unless_told(stage, monkeypatch):
+@pytest.fixture
+def decoded_sub_blocks(monkeypatch):
+    """The ``sub_block`` of every call to the block sampler, in order (the sampler still runs)."""
     from diffgr2_lite.diffusion import sampler
 
     seen, real = [], sampler.diffusion_decode
@@ -168,6 +170,11 @@ def test_diffusion_evaluation_decodes_with_the_profiles_sub_blocks_unless_told(s
         return real(*args, **kw)
 
     monkeypatch.setattr(sampler, "diffusion_decode", spy)
+    return seen
+
+
+def test_diffusion_evaluation_decodes_with_the_profiles_sub_blocks_unless_told(stage, decoded_sub_blocks):
+    seen = decoded_sub_blocks
     ex = pl.get_examples(stage, progress=False)
     ar, _ = pl.get_ar(stage, ex)
     assert 0 < stage.sub_block < stage.block_size
@@ -177,22 +184,16 @@ def test_diffusion_evaluation_decodes_with_the_profiles_sub_blocks_unless_told(s
     assert seen[-1] is None and "sub_block" not in whole["record"]
     four = pl.evaluate_diffusion(stage, ar, ex, "naive", n=2, write=False, sub_block=4)
     assert seen[-1] == 4 and four["record"]["sub_block"] == 4
-    small = pl.evaluate_diffusion(stage, ar, ex, "naive", n=2, write=False, block_size=stage.sub_block)
+    pl.evaluate_diffusion(stage, ar, ex, "naive", n=2, write=False, block_size=stage.sub_block)
     assert seen[-1] is None                               # a chunk as long as the block is the whole block
 
 
-def test_validation_and_rollouts_of_diffusion_stages_use_the_profiles_sub_blocks(stage, monkeypatch):
+def test_validation_and_rollouts_of_diffusion_stages_use_the_profiles_sub_blocks(stage, decoded_sub_blocks,
+                                                                                 monkeypatch):
     from diffgr2_lite import opd, rl
     from diffgr2_lite.decoders import diffusion_validate
-    from diffgr2_lite.diffusion import sampler
 
-    seen, real = [], sampler.diffusion_decode
-
-    def spy(*args, **kw):
-        seen.append(kw.get("sub_block"))
-        return real(*args, **kw)
-
-    monkeypatch.setattr(sampler, "diffusion_decode", spy)
+    seen = decoded_sub_blocks
     ex = pl.get_examples(stage, progress=False)
     ar, _ = pl.get_ar(stage, ex)
     diffusion_validate(stage, ex, n=2)(ar)                 # the score CFT, OPD and RL keep their best state by
