@@ -111,6 +111,8 @@ def results_table(records: dict) -> str:
         ci = r.get("ci95", {}).get("recall@1")
         ci_s = f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]" if ci else ""
         tau = f"B={r['block_size']}, tau={r['tau']}" if "block_size" in r else ""
+        if r.get("sub_block"):                   # the chunks the sampler committed in (none: the whole block)
+            tau += f", sub-blocks of {r['sub_block']}"
         rows.append(f"| {names[stage]} | {m['recall@1']:.4f} | {m['recall@3']:.4f} | {m['ndcg@3']:.4f} | "
                     f"{ms['recall@1']:.4f} | {m['valid_rate']:.3f} | {ci_s} | {tau} |")
     if not rows:

@@ -36,6 +36,10 @@ def test_results_table_is_generated_from_the_files(tmp_path):
     assert "| + CFT | 0.3125 |" in table and "0.1562" in table          # strict R@1 = 0.3125 * 0.5
     assert "+0.010 [-0.020, +0.040]" in table and "B=32, tau=1.0" in table
     assert "naive conversion" not in table                             # absent stages are not invented
+    assert "sub-blocks" not in table                                   # decoded across the whole block
+    (tmp_path / "cft.json").write_text(json.dumps(_record(0.3125, 0.5, block_size=32, tau=1.0, sub_block=8)))
+    table = results_table({f.stem: json.loads(f.read_text()) for f in tmp_path.glob("*.json")})
+    assert "| B=32, tau=1.0, sub-blocks of 8 |" in table
 
 
 def test_results_table_without_results(tmp_path):
