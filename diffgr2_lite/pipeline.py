@@ -28,7 +28,7 @@ from .decoders import (ar_decoder, ar_max_new, diffusion_decoder, diffusion_vali
                        validation_score)
 from .evaluate import bootstrap_vs, cached_evaluation, evaluate, fixed_rankings, model_fingerprint  # noqa: F401
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
-from .train import distributed, process_device, train_supervised
+from .train import distributed, end_distributed, process_device, train_supervised
 
 STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained",
           "cft", "opd", "rl", "speed")
@@ -364,6 +364,7 @@ def train_stages(profile: Profile, stages=TRAIN_STAGES) -> None:
     }
     for stage in stages:
         builders[stage]()
+    end_distributed()
 
 
 def load_stage_records(profile: Profile) -> dict:

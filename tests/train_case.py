@@ -58,7 +58,7 @@ def run(batch_size: int, grad_accum: int, steps: int, seed: int = 0, lr: float =
 if __name__ == "__main__":
     from pathlib import Path
 
-    from diffgr2_lite.train import distributed
+    from diffgr2_lite.train import distributed, end_distributed
 
     out, batch, accum, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(1)
@@ -66,4 +66,6 @@ if __name__ == "__main__":
     state = distributed()
     torch.save({"losses": losses, "weights": weights, "world": state.num_processes},
                out / f"rank{state.process_index}.pt")
-    state.destroy_process_group()
+    print(f"rank {state.process_index}: trained and saved", file=sys.stderr, flush=True)   # where a crash happened
+    end_distributed()
+    print(f"rank {state.process_index}: process group closed", file=sys.stderr, flush=True)
