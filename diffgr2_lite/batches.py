@@ -39,12 +39,25 @@ class Batch:
 
 
 def tokenize_split(ds, tokenizer, column: str = "completion"):
-    """Add ``prompt_ids`` and ``completion_ids`` columns (a ``datasets.map``, cached by the library)."""
+    """Add ``prompt_ids`` and ``completion_ids`` columns (one ``datasets.map``), and ``direct_ids`` when the split
+    has the answer-only completion ``completion_direct``.
+
+    The new fingerprint is named here (the split's own, the vocabulary's and the columns'), so that ``datasets``
+    does not hash the tokenizer object inside ``fn`` to make one (several seconds on the full profile)."""
+    import hashlib
+
+    from .text import vocab_fingerprint
+
+    columns = {"prompt_ids": "prompt", "completion_ids": column}
+    if column != "completion_direct" and "completion_direct" in ds.column_names:
+        columns["direct_ids"] = "completion_direct"
 
     def fn(batch):
-        return {"prompt_ids": encode(tokenizer, batch["prompt"]), "completion_ids": encode(tokenizer, batch[column])}
+        return {name: encode(tokenizer, batch[src]) for name, src in columns.items()}
 
-    return ds.map(fn, batched=True, desc=f"tokenising {column}")
+    key = f"{ds._fingerprint}|{vocab_fingerprint(tokenizer)}|{sorted(columns.items())}"
+    return ds.map(fn, batched=True, desc=f"tokenising {column}",
+                  new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 def make_batch(rows, tokenizer, lambda_r: float = 1.0, lambda_o: float = 1.0, multiple_of: int = 1,

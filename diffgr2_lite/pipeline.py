@@ -92,9 +92,7 @@ def _get_examples(profile: Profile, rebuild: bool = False, progress: bool = True
     ex = build_examples(load_dataset(profile), profile, progress=progress)
     tok = ex.tokenizer
     for s in ex.splits:
-        ds = tokenize_split(ex.splits[s], tok, "completion")
-        ds = ds.add_column("direct_ids", [tok.convert_tokens_to_ids(t.split()) for t in ds["completion_direct"]])
-        ex.splits[s] = ds
+        ex.splits[s] = tokenize_split(ex.splits[s], tok, "completion")          # also direct_ids
     with art.atomic_dir(d / "splits") as tmp:
         for s, ds in ex.splits.items():
             ds.save_to_disk(str(Path(tmp) / s))

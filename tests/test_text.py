@@ -348,3 +348,22 @@ def test_answer_items_resume_after_a_stray_token():
                                      (2, ("<a_4>", "<b_5>", "<c_6>"), 5), (None, None, 9),
                                      (None, ("<a_7>", "<b_8>", "<c_9>"), 10)]
     assert answer_items([], 3) == [] and answer_items(["[1]"], 3) == [(0, None, 0)]
+
+
+def test_tokenize_split_adds_the_id_columns_and_names_a_fingerprint_per_vocabulary(tok, vocab):
+    """One map adds prompt_ids, completion_ids and (given completion_direct) direct_ids, equal to ``encode``; the
+    fingerprint it names changes with the vocabulary and the columns, so a cached result is never another's."""
+    from datasets import Dataset
+
+    from diffgr2_lite.batches import tokenize_split
+
+    rows = {"prompt": TEXTS, "completion": ["pick next+ <eos>", "<eos>"], "completion_direct": ["<eos>", "x2 <eos>"]}
+    out = tokenize_split(Dataset.from_dict(rows), tok)
+    for col, src in (("prompt_ids", "prompt"), ("completion_ids", "completion"), ("direct_ids", "completion_direct")):
+        assert out[col] == encode(tok, rows[src])
+    other = make_tokenizer(vocab[:-1] + ["zzz"])
+    without_direct = Dataset.from_dict({k: rows[k] for k in ("prompt", "completion")})
+    fingerprints = {out._fingerprint, tokenize_split(Dataset.from_dict(rows), other)._fingerprint,
+                    tokenize_split(without_direct, tok)._fingerprint}
+    assert len(fingerprints) == 3 and "direct_ids" not in tokenize_split(without_direct, tok).column_names
+    assert tokenize_split(Dataset.from_dict(rows), tok)._fingerprint == out._fingerprint     # and is deterministic

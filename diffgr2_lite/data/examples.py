@@ -140,17 +140,21 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
     fit_idx = rng.permutation(len(train_ex))[:20000]
     teacher_train_r1 = teacher.fit_points([(train_ex[i][1][-shown:], train_ex[i][3], train_ex[i][4]) for i in fit_idx])
 
-    def item_repr(i):
-        return item_words(sids_of[i], cat.brands[i], cat.leaf(i), cat.titles[i], profile.title_words)
-
     sids_of = [sid_tokens(c) for c in sids.codes]
+    reprs = {}                                      # item -> its words in a prompt (items recur across prompts)
+
+    def item_repr(i):
+        if i not in reprs:
+            reprs[i] = item_words(sids_of[i], cat.brands[i], cat.leaf(i), cat.titles[i], profile.title_words)
+        return reprs[i]
 
     def row(u, hist, cands, ranking, decision_weight):
         cand_sids = [sids_of[c] for c in cands]
         reasoning = teacher.trace(hist[-shown:], cands, ranking)
         return {"user": data.user_ids[u], "history": hist[-profile.history_len:], "candidates": cands,
                 "teacher_ranking": ranking, "decision_weight": decision_weight,
-                "prompt": build_prompt(fmt, [item_repr(h) for h in hist], [item_repr(c) for c in cands]),
+                "prompt": build_prompt(fmt, [item_repr(h) for h in hist[-fmt.history_len:]],
+                                       [item_repr(c) for c in cands]),
                 "completion": build_completion(reasoning, cand_sids, ranking),
                 "completion_direct": build_completion(None, cand_sids, ranking)}
 
