@@ -64,6 +64,7 @@ class Profile:
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
     ar_schedule: str = "cosine"       # of the SFT learning rate: one of SCHEDULE_NAMES
+    ar_ema: float = 0.0               # decay of the SFT weight average that is validated and kept (0: none)
     batch_size: int = 32
     lambda_reasoning: float = 0.5     # GR2's decoupled weights: lambda_r < lambda_o
     lambda_answer: float = 1.0
@@ -184,19 +185,22 @@ def get_profile(name: str | None = None, dataset: str | None = None, **overrides
 # ----------------------------------------------------------------------------------------------- validation
 @dataclass(frozen=True)
 class Range:
-    """Valid values of a numeric field: ``low`` (excluded when ``open_low``) to ``high``; None = unbounded."""
+    """Valid values of a numeric field: ``low`` (excluded when ``open_low``) to ``high`` (excluded when
+    ``open_high``); None = unbounded."""
 
     low: float
     high: float | None = None
     open_low: bool = False
+    open_high: bool = False
 
     def __contains__(self, v) -> bool:
-        return (v > self.low if self.open_low else v >= self.low) and (self.high is None or v <= self.high)
+        return ((v > self.low if self.open_low else v >= self.low)
+                and (self.high is None or (v < self.high if self.open_high else v <= self.high)))
 
     def __str__(self) -> str:
         if self.high is None:
             return f"{'>' if self.open_low else '>='} {self.low}"
-        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
 
 
 AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
@@ -211,7 +215,7 @@ FIELD_RANGES = {
     "copy_batch": AT_LEAST_1, "copy_lr": POSITIVE, "copy_gate": FRACTION, "copy_check_every": AT_LEAST_1,
     "relabel_share": FRACTION, "collide_share": FRACTION, "copy_relabel": FRACTION, "grad_accum": AT_LEAST_1,
     "length_buckets": AT_LEAST_1,
-    "ar_epochs": POSITIVE, "ar_lr": POSITIVE, "batch_size": AT_LEAST_1, "eval_batch": AT_LEAST_1,
+    "ar_epochs": POSITIVE, "ar_lr": POSITIVE, "ar_ema": Range(0, 1, open_high=True), "batch_size": AT_LEAST_1, "eval_batch": AT_LEAST_1,
     "block_size": AT_LEAST_1, "cft_epochs": POSITIVE, "cft_lr": POSITIVE, "cft_ablation_epochs": POSITIVE,
     "sweep_n": AT_LEAST_1, "opd_tau": THRESHOLD, "opd_prompts": AT_LEAST_1, "opd_rollouts": AT_LEAST_1,
     "opd_lr": POSITIVE, "rl_prompts": AT_LEAST_1, "rl_group": Range(2), "rl_lr": POSITIVE, "rl_clip": POSITIVE,

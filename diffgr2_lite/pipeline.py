@@ -182,7 +182,7 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     else:
         model = new_model(profile, ex)
     max_new = decode_budget(train_ds)
-    cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, schedule=profile.ar_schedule,
+    cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, schedule=profile.ar_schedule, ema=profile.ar_ema,
                batch_size=profile.batch_size, lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer,
                transform=relabel_transform(tok, ex.fmt, profile.relabel_share, profile.seed + 1,
                                            process_device(profile.device), profile.collide_share))

@@ -18,6 +18,7 @@ def test_builtin_profiles_are_valid():
     ({"ar_lr": -1e-3}, "ar_lr=-0.001 is invalid: must be a number > 0"),
     ({"cft_epochs": float("nan")}, "cft_epochs=nan is invalid: must be a number > 0"),
     ({"opd_tau": 1.5}, "opd_tau=1.5 is invalid: must be a number in (0, 1]"),
+    ({"ar_ema": 1.0}, "ar_ema=1.0 is invalid: must be a number in [0, 1)"),
     ({"bench_taus": [0.9, 0.0]}, "bench_taus[1]=0.0 is invalid: must be a number in (0, 1]"),
     ({"sid_levels": ()}, "sid_levels=() must be a non-empty tuple"),
     ({"trace_ranks": "yes"}, "trace_ranks='yes' must be true or false"),
@@ -32,8 +33,8 @@ def test_bad_profile_values_name_the_field_and_the_valid_range(override, expecte
 
 
 def test_valid_edge_values_are_accepted():
-    p = get_profile("smoke", block_size=1, copy_steps=0, max_users=None, opd_tau=1.0, bench_taus=[1.0])
-    assert p.block_size == 1 and p.copy_steps == 0 and p.bench_taus == (1.0,)
+    p = get_profile("smoke", block_size=1, copy_steps=0, max_users=None, opd_tau=1.0, bench_taus=[1.0], ar_ema=0.999)
+    assert p.block_size == 1 and p.copy_steps == 0 and p.bench_taus == (1.0,) and p.ar_ema == 0.999
 
 
 def test_incomplete_model_dict_is_a_config_error_naming_what_is_missing():
