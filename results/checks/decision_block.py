@@ -11,7 +11,9 @@ so that the decision ends a block (``align_decision``, the full profile's defaul
 
 Environment: ``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0);
 ``LR=6e-4`` overrides CFT's learning rate; ``AR_EPOCHS=24`` the AR SFT's epochs (a changed profile retrains and
-replaces the ``ar`` checkpoint, so give every command of one check the same value); ``COMPILE=1`` compiles training
+replaces the ``ar`` checkpoint, so give every command of one check the same value, and run variants side by side
+in separate ``DIFFGR2_RUNS`` folders); ``AR_EMA=0.999`` keeps and validates an exponential moving average of the AR
+SFT weights (``ar_ema``; same caveat); ``COMPILE=1`` compiles training
 with static shapes; ``SPLIT=test`` scores every test user instead of validation users 256..1255; ``ALSO_VALID=1``
 also scores the CFT model on those validation users.
 
@@ -43,9 +45,11 @@ ex = pl.get_examples(P, progress=False)
 if mode == "data":
     sys.exit(0)
 P = validate_profile(replace(P, seed=int(os.environ.get("SEED", P.seed)),      # the training seed (same data)
-                              ar_epochs=float(os.environ.get("AR_EPOCHS", P.ar_epochs))))
+                              ar_epochs=float(os.environ.get("AR_EPOCHS", P.ar_epochs)),
+                              ar_ema=float(os.environ.get("AR_EMA", P.ar_ema))))
 words = ex.splits["valid"][0]["completion"].split()
-res = {"mode": mode, "seed": P.seed, "ar_epochs": P.ar_epochs, "compile": P.compile, "align_decision": P.align_decision,
+res = {"mode": mode, "seed": P.seed, "ar_epochs": P.ar_epochs, "ar_ema": P.ar_ema, "compile": P.compile,
+       "align_decision": P.align_decision,
        "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu",
        "layout": {"length": len(words), "decision": words.index("pick") + 1, "ranks": words.index("ranks"),
                   "answer": words.index("<answer>"), "block_size": P.block_size}}
