@@ -263,6 +263,29 @@ def test_teacher_points_fit_the_best_training_recall():
     assert teacher.fit_points([([0], [1, 3], 0), ([0], [3, 1], 0)]) == 1.0
 
 
+@pytest.mark.parametrize("n_candidates", [10, 7])
+def test_teacher_point_fit_equals_scoring_every_table_directly(n_candidates):
+    """The pattern look-up of ``fit_points`` against the direct computation on random evidence: every table's
+    scores as a product, ties to the retriever's order by a small position penalty, and the first best table."""
+    import itertools
+
+    from diffgr2_lite.data.teacher import POINT_GRID, Teacher
+
+    rng = np.random.default_rng(n_candidates)
+    ev = (rng.random((400, n_candidates, len(POINT_GRID))) < 0.3).astype(float)
+    ev[:, :, -1] = 0
+    ev[:, 0, -1] = 1                                             # the last key is "retrieved first"
+    target = rng.integers(0, n_candidates, len(ev))
+    tables = np.array(list(itertools.product(*POINT_GRID)), dtype=float)
+    scores = np.einsum("enk,tk->ten", ev, tables) - 1e-3 * np.arange(n_candidates)
+    acc = (scores.argmax(-1) == target).mean(-1)
+    teacher = Teacher.__new__(Teacher)
+    teacher.evidence = lambda history, candidates: ev[history]
+    assert teacher.fit_points([(i, None, int(t)) for i, t in enumerate(target)]) == acc.max()
+    assert np.array_equal(teacher.points, tables[acc.argmax()])
+    assert (acc == acc.max()).sum() >= 1 and acc.max() > acc.min()          # the grid does discriminate
+
+
 def test_every_completion_answers_in_the_order_its_ranks_give(ex):
     """Built data, every split: the trace's ranks are a permutation and the answer writes the candidates in exactly
     their order (the first is the pick), so an answer slot is a lookup of the rank list."""
