@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 DATASETS = ("synthetic", "amazon_beauty")
 SCHEDULE_NAMES = ("cosine", "stable_decay", "constant")   # train.SCHEDULES, named here so config stays free of torch
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")   # torch.compile's
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,7 @@ class Profile:
     grad_accum: int = 1
     length_buckets: int = 2           # completion-length groups of the device batcher (less padding, a few shapes)
     compile: bool | None = None       # torch.compile the training losses (None: runs of >= 1000 steps on CUDA)
+    compile_mode: str | None = None   # their mode (SFT, CFT): one of COMPILE_MODES; "reduce-overhead": CUDA graphs
     # block diffusion
     block_size: int = 32
     # the decoder goes through each block in left-to-right chunks of this many positions, in confidence order inside
@@ -238,6 +240,9 @@ def validate_profile(profile: Profile) -> Profile:
     if profile.model.hidden % profile.model.heads:
         raise ConfigError(f"profile field model.hidden={profile.model.hidden} must be a multiple of "
                           f"model.heads={profile.model.heads}")
+    if profile.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"profile field compile_mode={profile.compile_mode!r} is invalid: must be one of "
+                          f"{', '.join(map(repr, COMPILE_MODES))}")
     if profile.ar_schedule not in SCHEDULE_NAMES:
         raise ConfigError(f"profile field ar_schedule={profile.ar_schedule!r} is invalid: must be one of "
                           f"{', '.join(SCHEDULE_NAMES)}")

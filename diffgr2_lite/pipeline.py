@@ -28,7 +28,7 @@ from .decoders import (ar_decoder, ar_max_new, diffusion_decoder, diffusion_vali
                        validation_score)
 from .evaluate import bootstrap_vs, cached_evaluation, evaluate, fixed_rankings, model_fingerprint  # noqa: F401
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
-from .train import distributed, end_distributed, process_device, train_supervised
+from .train import compile_options_for, distributed, end_distributed, process_device, train_supervised
 
 STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained",
           "cft", "opd", "rl", "speed")
@@ -144,7 +144,8 @@ COPY_WARMUP_FIELDS = DATA_FIELDS + ("device", "model", "copy_steps", "copy_batch
 
 def _engine(profile: Profile) -> dict:
     """The training-engine settings of the profile (see :mod:`diffgr2_lite.train`)."""
-    return dict(grad_accum=profile.grad_accum, buckets=profile.length_buckets, compile=profile.compile)
+    return dict(grad_accum=profile.grad_accum, buckets=profile.length_buckets, compile=profile.compile,
+                compile_options=compile_options_for(profile.compile_mode))
 
 
 def gate_rows(ex, n: int = 256) -> list[dict]:

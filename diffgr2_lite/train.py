@@ -165,6 +165,13 @@ def _unpack(out):
 AUTO_COMPILE_MIN_STEPS = 1000
 
 
+def compile_options_for(mode: str | None) -> dict | None:
+    """The trainer's ``compile_options`` for a profile's ``compile_mode``: None keeps the trainer's default (static
+    shapes, inductor's default mode); a mode is added to static shapes (``"reduce-overhead"`` replays each step's
+    kernels as CUDA graphs)."""
+    return None if mode is None else {"dynamic": False, "mode": mode}
+
+
 def compile_enabled(compile, device, total_steps: int | None = None) -> bool:
     """Whether losses are compiled: ``None``/``"auto"`` means on CUDA and not on CPU (a profile's ``compile``), and
     only for runs of at least :data:`AUTO_COMPILE_MIN_STEPS` steps when ``total_steps`` is known (a short run would
@@ -451,7 +458,8 @@ def train_supervised(model, train_ds, tokenizer, *, loss_fn, epochs: float, lr: 
                      lambda_r: float, lambda_o: float, device, seed: int = 0, multiple_of: int = 1,
                      grad_accum: int = 1, buckets: int = 1, transform=None, validate=None,
                      validate_every: int | None = None, desc: str = "SFT", weight_decay: float = 0.01,
-                     compile="auto", log_every: int = 10, schedule: str = "cosine", ema: float = 0.0) -> dict:
+                     compile="auto", compile_options: dict | None = None, log_every: int = 10,
+                     schedule: str = "cosine", ema: float = 0.0) -> dict:
     """SFT and CFT: ``epochs`` over ``train_ds`` (tokenised rows) with a warm-up and the learning-rate ``schedule``,
     keeping the best validation state (ties to the later one); with ``ema``, of the weight average.
 
@@ -469,5 +477,6 @@ def train_supervised(model, train_ds, tokenizer, *, loss_fn, epochs: float, lr: 
                          transform=transform)
     total = max(1, int(round(epochs * len(data))))
     trainer = Trainer(model, lr=lr, total_steps=total, schedule=schedule, weight_decay=weight_decay,
-                      grad_accum=grad_accum, compile=compile, log_every=log_every, device=device, desc=desc, ema=ema)
+                      grad_accum=grad_accum, compile=compile, compile_options=compile_options, log_every=log_every,
+                      device=device, desc=desc, ema=ema)
     return trainer.fit(data, loss_fn, validate=validate, validate_every=validate_every or len(data))

@@ -328,6 +328,34 @@ def test_compiling_uses_static_shapes_unless_told_otherwise(monkeypatch):
     assert not off.is_compiled(loss_b) and len(seen) == 2
 
 
+def test_a_profiles_compile_mode_reaches_torch_compile_in_sft_and_cft(monkeypatch):
+    """``compile_mode`` (e.g. "reduce-overhead", CUDA graphs) is added to the static shapes of the SFT and CFT
+    losses; None keeps the trainer's default options."""
+    from diffgr2_lite import cft, pipeline
+    from diffgr2_lite.config import get_profile
+    from diffgr2_lite.train import compile_options_for
+
+    assert compile_options_for(None) is None
+    assert compile_options_for("reduce-overhead") == {"dynamic": False, "mode": "reduce-overhead"}
+    seen = {}
+
+    def fake_train_supervised(*args, **kwargs):
+        seen[kwargs.get("desc", "")] = kwargs.get("compile_options")
+        return {}
+
+    monkeypatch.setattr(cft, "train_supervised", fake_train_supervised)
+    monkeypatch.setattr(cft, "relabel_transform", lambda *a, **k: None)
+
+    class Ex:                                     # what the two training entry points read before training
+        tokenizer, fmt = StubTokenizer(), None
+
+    for mode in (None, "reduce-overhead"):
+        P = get_profile("smoke", compile_mode=mode, copy_steps=0)
+        assert pipeline._engine(P)["compile_options"] == compile_options_for(mode)       # what AR SFT is given
+        cft._fit_cft(P, Ex(), None, [], loss_fn=None, lambda_r=0.5, epochs=1, lr=1e-3, seed=0, desc="cft")
+        assert seen["cft"] == compile_options_for(mode)
+
+
 def test_auto_compiles_only_long_runs_on_cuda():
     from diffgr2_lite.train import AUTO_COMPILE_MIN_STEPS, compile_enabled
 

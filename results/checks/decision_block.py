@@ -9,7 +9,8 @@ so that the decision ends a block (``align_decision``, the full profile's defaul
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py ar <out.json>      # AR SFT, checkpointed
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py cft_e6 <out.json>  # CFT from that AR model
 
-Environment: ``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0);
+Environment: ``COMPILE_MODE=reduce-overhead`` sets the profile's ``compile_mode`` (CUDA graphs in SFT and CFT);
+``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0);
 ``LR=6e-4`` overrides CFT's learning rate; ``AR_EPOCHS=24`` the AR SFT's epochs (a changed profile retrains and
 replaces the ``ar`` checkpoint, so give every command of one check the same value, and run variants side by side
 in separate ``DIFFGR2_RUNS`` folders); ``AR_EMA=0.999`` keeps and validates an exponential moving average of the AR
@@ -40,7 +41,8 @@ from diffgr2_lite.evaluate import evaluate
 mode, out = sys.argv[1], sys.argv[2]
 t0 = time.time()
 P = get_profile(os.environ.get("PROF", "full"))
-P = validate_profile(replace(P, compile=bool(int(os.environ.get("COMPILE", "0"))) or P.compile))
+P = validate_profile(replace(P, compile=bool(int(os.environ.get("COMPILE", "0"))) or P.compile,
+                             compile_mode=os.environ.get("COMPILE_MODE") or P.compile_mode))
 ex = pl.get_examples(P, progress=False)
 if mode == "data":
     sys.exit(0)
@@ -49,6 +51,7 @@ P = validate_profile(replace(P, seed=int(os.environ.get("SEED", P.seed)),      #
                               ar_ema=float(os.environ.get("AR_EMA", P.ar_ema))))
 words = ex.splits["valid"][0]["completion"].split()
 res = {"mode": mode, "seed": P.seed, "ar_epochs": P.ar_epochs, "ar_ema": P.ar_ema, "compile": P.compile,
+       "compile_mode": P.compile_mode,
        "align_decision": P.align_decision,
        "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu",
        "layout": {"length": len(words), "decision": words.index("pick") + 1, "ranks": words.index("ranks"),
