@@ -42,8 +42,9 @@ def tokenize_split(ds, tokenizer, column: str = "completion"):
     """Add ``prompt_ids`` and ``completion_ids`` columns (one ``datasets.map``), and ``direct_ids`` when the split
     has the answer-only completion ``completion_direct``.
 
-    The new fingerprint is named here (the split's own, the vocabulary's and the columns'), so that ``datasets``
-    does not hash the tokenizer object inside ``fn`` to make one (several seconds on the full profile)."""
+    The new fingerprint is named here (from the split's own, the vocabulary's and the columns'), so that
+    ``datasets`` does not hash the tokenizer object inside ``fn`` to make one (several seconds on the full
+    profile)."""
     import hashlib
 
     from .text import vocab_fingerprint
@@ -55,7 +56,8 @@ def tokenize_split(ds, tokenizer, column: str = "completion"):
     def fn(batch):
         return {name: encode(tokenizer, batch[src]) for name, src in columns.items()}
 
-    key = f"{ds._fingerprint}|{vocab_fingerprint(tokenizer)}|{sorted(columns.items())}"
+    key = (f"encode v1|{ds._fingerprint}|{vocab_fingerprint(tokenizer)}|unk {tokenizer.unk_token_id}|"
+           f"{sorted(columns.items())}")                                 # v1: bump when encode() changes
     return ds.map(fn, batched=True, desc=f"tokenising {column}",
                   new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
 

@@ -75,7 +75,7 @@ class Profile:
     grad_accum: int = 1
     length_buckets: int = 2           # completion-length groups of the device batcher (less padding, a few shapes)
     compile: bool | None = None       # torch.compile the training losses (None: runs of >= 1000 steps on CUDA)
-    compile_mode: str | None = None   # their mode (SFT, CFT): one of COMPILE_MODES; "reduce-overhead": CUDA graphs
+    compile_mode: str | None = None   # its mode when on (SFT, CFT): in COMPILE_MODES; "reduce-overhead": CUDA graphs
     # block diffusion
     block_size: int = 32
     # the decoder goes through each block in left-to-right chunks of this many positions, in confidence order inside

@@ -31,10 +31,12 @@ raises), while here each trainer chooses it from its device; bf16 autocast is ``
 accelerate would enter.
 
 **Weight averaging (optional).** With ``ema`` > 0 the trainer also keeps an exponential moving average of the
-weights, ``w_ema <- d_t * w_ema + (1 - d_t) * w`` after every step, with ``d_t = min(ema, (1 + t) / (10 + t))`` so
-that the random initial weights fade out quickly (the warm-up of TensorFlow's ``ExponentialMovingAverage``).
-Validation scores the averaged weights, and the averaged weights are what training returns: an average over the
-last few thousand steps varies less from run to run than the last step alone.
+weights, ``w_ema <- d_t * w_ema + (1 - d_t) * w`` after step ``t``, with ``d_t = min(ema, (1 + t) / (10 + t))`` so
+that the random initial weights fade out quickly (the warm-up of TensorFlow's ``ExponentialMovingAverage``). While
+the warm-up term is the smaller, the average spans roughly the last ninth of the steps so far; once ``ema`` caps it,
+the last ``1 / (1 - ema)`` steps (an ``ema`` above ``(1 + T) / (10 + T)`` for a run of ``T`` steps changes
+nothing: the history records the last decay used). Validation scores the average, and the average is what
+training leaves in the model: an average over the last epochs varies less from run to run than the last step.
 
 **No host sync on the hot path.** Losses, weights and logged extras stay on the device; they are read back every
 ``log_every`` steps (and at the end). Gradient clipping and the optimizer do not read values back either.
@@ -106,7 +108,8 @@ class BestState:
 
 
 def maybe_validate(validate, model, step: int, total: int, every: int, history: dict, keeper: BestState | None):
-    """Every ``every`` steps and at the last: score the model (in eval mode), record it, let ``keeper`` keep the best."""
+    """Every ``every`` steps and at the last: score the model (in eval mode), record it, let ``keeper`` keep the
+    best."""
     if validate is None or not (step % every == 0 or step == total):
         return
     was_training = model.training
@@ -189,10 +192,11 @@ class Trainer:
     (a name in :data:`SCHEDULES`: ``cosine``, ``constant`` or ``stable_decay``). ``mixed_precision``: ``auto`` (bf16
     on CUDA, none on CPU), ``bf16`` or ``no``.
     ``compile``: ``auto`` or None (on CUDA, for runs of at least :data:`AUTO_COMPILE_MIN_STEPS` steps), True or
-    False; ``compile_options`` go to ``torch.compile`` (default ``dynamic=False``: static shapes, one compilation per batch shape; the device batcher yields only
-    ``length_buckets`` of them. Dynamic shapes failed in inductor on torch 2.11, and static ones measured 2.4x faster
-    than eager per SFT step on an H200: ``results/checks/2026-12-01-h200-train-speed-static-compile.json``). Should
-    compiling fail, the trainer warns and trains that loss eagerly.
+    False; ``compile_options`` go to ``torch.compile`` (default ``dynamic=False``: static shapes, one compilation per
+    batch shape; the device batcher yields only ``length_buckets`` of them. Dynamic shapes failed in inductor on
+    torch 2.11, and static ones measured 2.4x faster than eager per SFT step on an H200:
+    ``results/checks/2026-12-01-h200-train-speed-static-compile.json``). Should compiling fail, the trainer warns
+    and trains that loss eagerly.
     ``device``: where to train with one process (several processes each take their own GPU).
     ``ema``: the decay of the weight average that validation scores and :meth:`fit` returns (0: none; see the
     module docstring).
@@ -233,6 +237,7 @@ class Trainer:
         self.steps_done = 0
         self.ema = ema
         self.averaged = None                 # the weight average (a copy of the model), when ema > 0
+        self.ema_decay = 0.0                 # the decay of the latest update
         if ema:
             import copy
 
@@ -246,8 +251,14 @@ class Trainer:
     # -- primitives ------------------------------------------------------------------------------------------------
     @property
     def scored_model(self):
-        """The weights validation scores and training returns: the average with ``ema``, else the model itself."""
-        return self.model if self.averaged is None else self.averaged
+        """The weights validation scores and training returns: the average with ``ema``, else the model itself.
+        Only trained parameters are averaged; the average takes the model's buffers as they are now."""
+        if self.averaged is None:
+            return self.model
+        with torch.no_grad():
+            for avg, cur in zip(self.averaged.buffers(), self.model.buffers()):
+                avg.copy_(cur)
+        return self.averaged
 
     def autocast(self):
         """The mixed-precision context of the forward pass (bf16 autocast on CUDA by default, nothing on CPU)."""
@@ -274,8 +285,8 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.averaged is not None:
-            decay = min(self.ema, (1 + self.steps_done) / (10 + self.steps_done))       # a host number: no sync
-            torch._foreach_lerp_(self._avg_params, [p.detach() for p in self.params], 1.0 - decay)
+            self.ema_decay = min(self.ema, (1 + self.steps_done) / (10 + self.steps_done))    # a host number: no sync
+            torch._foreach_lerp_(self._avg_params, [p.detach() for p in self.params], 1.0 - self.ema_decay)
         self.steps_done += 1
         self._set_lr()
         self._zero_step()
@@ -361,7 +372,8 @@ class Trainer:
         ``validate(model) -> float`` (higher is better) runs every ``validate_every`` steps and at the end; with
         ``keep_best`` the best-scoring weights are restored at the end (``ties_to_later``: a tie goes to the later).
         ``stop_at``: stop early, as soon as a validation score reaches it (a gate, e.g. the copy warm-up's).
-        With ``ema`` the scored and returned weights are the average (:attr:`scored_model`).
+        With ``ema`` the scored and kept weights are the average (:attr:`scored_model`), and the model ends holding
+        it (or its best-scoring state).
         Returns the history: ``step`` and ``loss`` (mean over each logging window) and any extras, ``val_step``,
         ``val``, ``best_val``, ``steps`` (taken), ``seconds``, ``processes`` and ``global_batch_rows`` (when known).
         """
@@ -387,21 +399,22 @@ class Trainer:
             if self.steps_done % self.log_every == 0 or self.steps_done == self.total_steps:
                 self.log(history)
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-            maybe_validate(validate, self.scored_model, self.steps_done, self.total_steps, every, history, keeper)
+            if validate is not None and (self.steps_done % every == 0 or self.steps_done == self.total_steps):
+                maybe_validate(validate, self.scored_model, self.steps_done, self.total_steps, every, history, keeper)
             if stop_at is not None and history["val_step"][-1:] == [self.steps_done] and history["val"][-1] >= stop_at:
                 if self.steps_done % self.log_every:
                     self.log(history)
                 break
         bar.close()
-        if self.averaged is not None:                      # training returns the average (or its best state)
-            self.model.load_state_dict(self.averaged.state_dict())
+        if self.averaged is not None:      # the model takes the average (a later fit continues from it)
+            self.model.load_state_dict(self.scored_model.state_dict())
         if keeper is not None:
             keeper.restore(self.model)
         self.model.eval()
         history.update(best_val=max(history["val"]) if history["val"] else None, steps=self.steps_done,
                        seconds=time.time() - t0, processes=self.world)
         if self.averaged is not None:
-            history["ema"] = self.ema
+            history.update(ema=self.ema, ema_last_decay=self.ema_decay)
         if hasattr(batches, "global_batch"):
             history["global_batch_rows"] = batches.global_batch
         return history

@@ -283,7 +283,7 @@ def test_teacher_point_fit_equals_scoring_every_table_directly(n_candidates):
     teacher.evidence = lambda history, candidates: ev[history]
     assert teacher.fit_points([(i, None, int(t)) for i, t in enumerate(target)]) == acc.max()
     assert np.array_equal(teacher.points, tables[acc.argmax()])
-    assert (acc == acc.max()).sum() >= 1 and acc.max() > acc.min()          # the grid does discriminate
+    assert (acc == acc.max()).sum() > 1 and acc.max() > acc.min()     # tied best tables: "the first" is tested
 
 
 def test_every_completion_answers_in_the_order_its_ranks_give(ex):

@@ -363,7 +363,8 @@ def test_tokenize_split_adds_the_id_columns_and_names_a_fingerprint_per_vocabula
         assert out[col] == encode(tok, rows[src])
     other = make_tokenizer(vocab[:-1] + ["zzz"])
     without_direct = Dataset.from_dict({k: rows[k] for k in ("prompt", "completion")})
+    other_text = Dataset.from_dict({**rows, "prompt": TEXTS[::-1]})
     fingerprints = {out._fingerprint, tokenize_split(Dataset.from_dict(rows), other)._fingerprint,
-                    tokenize_split(without_direct, tok)._fingerprint}
-    assert len(fingerprints) == 3 and "direct_ids" not in tokenize_split(without_direct, tok).column_names
+                    tokenize_split(without_direct, tok)._fingerprint, tokenize_split(other_text, tok)._fingerprint}
+    assert len(fingerprints) == 4 and "direct_ids" not in tokenize_split(without_direct, tok).column_names
     assert tokenize_split(Dataset.from_dict(rows), tok)._fingerprint == out._fingerprint     # and is deterministic

@@ -193,42 +193,52 @@ def test_fit_logs_extras_of_a_dict_loss():
     assert hist["rows"] == [8.0, 8.0] and len(hist["loss"]) == 2
 
 
-def test_weight_average_is_the_warmed_up_ema_of_the_steps_and_is_what_fit_validates_and_returns():
-    """ema=0.9: after step t (counting from 0) w_ema <- d w_ema + (1 - d) w with d = min(0.9, (1 + t) / (10 + t)),
-    computed here by hand from the weights of a run without averaging (the averaging must not change training)."""
+def test_weight_average_is_the_warmed_up_ema_of_the_steps_and_is_what_fit_validates_and_keeps():
+    """ema=0.3: after step t (from 0) w_ema <- d w_ema + (1 - d) w with d = min(0.3, (1 + t) / (10 + t)) (the warm-up
+    term is the smaller for t < 3, the cap after), computed here by hand from the weights of a run without averaging
+    (averaging must not change training). Validation sees the average, and keep_best restores the best average."""
     from diffgr2_lite.ar import sft_terms
 
-    def train(ema, validate=None, every=None):
+    def train(ema, scores=None, every=None):
         data = DeviceBatches(toy_rows(), StubTokenizer(), batch_size=8, seed=0)
         model = tiny_model(seed=0, init=0.05)
         trainer = Trainer(model, lr=5e-3, total_steps=12, log_every=1, device="cpu", progress=False, ema=ema,
                           schedule="constant", warmup=0)
-        seen = []
+        seen, scored = [], []
 
         def step_and_record(micro, loss_fn, _step=trainer.train_step):
             out = _step(micro, loss_fn)
             seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             return out
 
+        def validate(m):
+            scored.append((m, {k: v.detach().clone() for k, v in m.state_dict().items()}))
+            return scores[len(scored) - 1]
+
         trainer.train_step = step_and_record
-        hist = trainer.fit(data, sft_terms, validate=validate, validate_every=every, keep_best=validate is not None)
-        return model, trainer, hist, seen
+        hist = trainer.fit(data, sft_terms, validate=validate if scores else None, validate_every=every,
+                           keep_best=scores is not None)
+        return model, trainer, hist, seen, scored
 
     start = {k: v.clone() for k, v in tiny_model(seed=0, init=0.05).state_dict().items()}
-    plain, _, hist_plain, steps = train(0.0)
-    expected = dict(start)
+    plain, _, hist_plain, steps, _ = train(0.0)
+    averages, avg = [], dict(start)
     for t, w in enumerate(steps):
-        d = min(0.9, (1 + t) / (10 + t))
-        expected = {k: d * expected[k] + (1 - d) * w[k] for k in w}
-    scored = []
-    model, trainer, hist, steps_ema = train(0.9, validate=lambda m: scored.append(m) or len(scored), every=4)
-    assert hist["loss"] == hist_plain["loss"]                             # training itself is unchanged
+        d = min(0.3, (1 + t) / (10 + t))
+        avg = {k: d * avg[k] + (1 - d) * w[k] for k in w}
+        averages.append(avg)
+    last, _, hist_last, _, _ = train(0.3)
+    for k in steps[-1]:                                                   # no validation: the last average
+        torch.testing.assert_close(last.state_dict()[k], averages[-1][k], rtol=1e-5, atol=1e-6)
+    assert any((averages[-1][k] - steps[-1][k]).abs().max() > 1e-3 for k in steps[-1])   # which is not the last step
+    assert hist_last["ema_last_decay"] == 0.3 and hist_last["loss"] == hist_plain["loss"]
+    model, trainer, hist, steps_ema, scored = train(0.3, scores=[3.0, 1.0, 2.0], every=4)
     for k in steps[-1]:
-        torch.testing.assert_close(steps_ema[-1][k], steps[-1][k])
-        torch.testing.assert_close(model.state_dict()[k], expected[k], rtol=1e-5, atol=1e-6)   # returns the average
-    assert any((expected[k] - steps[-1][k]).abs().max() > 1e-3 for k in expected)          # and that differs
-    assert scored and all(m is trainer.averaged for m in scored) and hist["ema"] == 0.9
-    assert hist["val_step"] == [4, 8, 12] and hist["best_val"] == 3                          # the last is the best
+        torch.testing.assert_close(steps_ema[-1][k], steps[-1][k])         # training itself is unchanged
+        for (_, seen_w), step in zip(scored, (4, 8, 12)):                  # validation scored the averages
+            torch.testing.assert_close(seen_w[k], averages[step - 1][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.state_dict()[k], averages[3][k], rtol=1e-5, atol=1e-6)   # the best one
+    assert all(m is trainer.averaged for m, _ in scored) and hist["val_step"] == [4, 8, 12] and hist["ema"] == 0.3
     with pytest.raises(ValueError, match=r"ema must be in \[0, 1\)"):
         Trainer(tiny_model(), lr=1e-3, total_steps=2, device="cpu", ema=1.0)
 

@@ -141,7 +141,10 @@ class Teacher:
         position)`` orders candidates by score with ties to the retriever's order (as :meth:`ranking` does), and
         the table picks the target exactly when the target's key is its row's largest.
         """
-        ev = np.stack([self.evidence(h, c) for h, c, _ in examples]).astype(np.int64)   # [E, N, K] 0/1
+        ev = np.stack([self.evidence(h, c) for h, c, _ in examples])                    # [E, N, K] 0/1
+        if not np.isin(ev, (0, 1)).all() or any(float(v) != int(v) for grid in POINT_GRID for v in grid):
+            raise ValueError("fit_points needs 0/1 evidence and whole-number points (its keys are integers)")
+        ev = ev.astype(np.int64)
         target = np.array([t for _, _, t in examples])
         n_ex, n, k = ev.shape
         pattern = (ev @ (1 << np.arange(k))).T                                        # [N, E]: 0 .. 2^K - 1

@@ -10,8 +10,9 @@ the profile's benchmark, and prints valid rate and R@1 of each beside the series
 
     DIFFGR2_RUNS=<runs of a finished series> python results/checks/bench_precision.py <out.json>
 
-It loads the series' checkpoints (``ar`` and ``rl``) and trains nothing; with the ``smoke`` profile (``PROF=smoke``)
-it runs on a CPU in seconds, as a test of the script.
+It loads the series' checkpoints (``ar`` and ``rl``) from the runs folder as they are, whatever profile hash they
+were saved under, and trains nothing: a missing checkpoint stops it. With the ``smoke`` profile (``PROF=smoke``,
+after a smoke series) it runs on a CPU in seconds, as a test of the script.
 """
 import json
 import os
@@ -25,16 +26,24 @@ from diffgr2_lite import pipeline as pl
 from diffgr2_lite.bench import make_scorer
 from diffgr2_lite.config import get_profile
 from diffgr2_lite.fast import FastARDecoder, FastDiffusionDecoder, speed_model
+from diffgr2_lite.model import load_checkpoint
 
 out_path = sys.argv[1]
 P = get_profile(os.environ.get("PROF", "full"))
 batch = int(os.environ.get("BATCH", 64))
 t0 = time.time()
 ex = pl.get_examples(P, progress=False)
-ar_model, _ = pl.get_ar(P, ex, "reasoning")
-cft, _ = pl.get_cft(P, ex, ar_model)
-opd, _ = pl.get_opd(P, ex, cft, ar_model)
-final, _ = pl.get_rl(P, ex, opd)
+
+
+def saved(stage):
+    """The series' checkpoint of ``stage`` as it is (no key check: a newer profile field must not retrain it)."""
+    path = art.stage_dir(P, stage) / "model"
+    if not (path / "meta.json").exists():
+        sys.exit(f"no {stage} checkpoint at {path}: run the series first (DIFFGR2_RUNS names its runs folder)")
+    return load_checkpoint(path, ex.tokenizer, P.device)[0]
+
+
+ar_model, final = saved("ar"), saved("rl")
 test = ex.splits["test"]
 n = len(test)
 rows = test.select_columns(["candidates", "target_pos"]).to_list()

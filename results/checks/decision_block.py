@@ -13,9 +13,10 @@ Environment: ``COMPILE_MODE=reduce-overhead`` sets the profile's ``compile_mode`
 ``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0);
 ``LR=6e-4`` overrides CFT's learning rate; ``AR_EPOCHS=24`` the AR SFT's epochs (a changed profile retrains and
 replaces the ``ar`` checkpoint, so give every command of one check the same value, and run variants side by side
-in separate ``DIFFGR2_RUNS`` folders); ``AR_EMA=0.999`` keeps and validates an exponential moving average of the AR
-SFT weights (``ar_ema``; same caveat); ``COMPILE=1`` compiles training
-with static shapes; ``SPLIT=test`` scores every test user instead of validation users 256..1255; ``ALSO_VALID=1``
+in separate ``DIFFGR2_RUNS`` folders); ``AR_EMA=0.995`` keeps and validates an exponential moving average of the AR
+SFT weights (``ar_ema``; same caveat; over the last ~200 steps: the trainer's warm-up caps the decay at
+(1 + t) / (10 + t), 0.9975 at the end of the full profile's 3,536 steps, so values above that change nothing);
+``COMPILE=1`` compiles training with static shapes; ``SPLIT=test`` scores every test user instead of validation users 256..1255; ``ALSO_VALID=1``
 also scores the CFT model on those validation users.
 
 ``ar`` trains the full profile's AR SFT, saves it as the ``ar`` stage checkpoint and decodes it freely.
