@@ -238,6 +238,7 @@ class Trainer:
         self.ema = ema
         self.averaged = None                 # the weight average (a copy of the model), when ema > 0
         self.ema_decay = 0.0                 # the decay of the latest update
+        self.last_step_state = None          # with ema, after fit: the last step's own weights (to compare)
         if ema:
             import copy
 
@@ -407,6 +408,7 @@ class Trainer:
                 break
         bar.close()
         if self.averaged is not None:      # the model takes the average (a later fit continues from it)
+            self.last_step_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(self.scored_model.state_dict())
         if keeper is not None:
             keeper.restore(self.model)

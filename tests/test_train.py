@@ -227,9 +227,10 @@ def test_weight_average_is_the_warmed_up_ema_of_the_steps_and_is_what_fit_valida
         d = min(0.3, (1 + t) / (10 + t))
         avg = {k: d * avg[k] + (1 - d) * w[k] for k in w}
         averages.append(avg)
-    last, _, hist_last, _, _ = train(0.3)
+    last, last_trainer, hist_last, _, _ = train(0.3)
     for k in steps[-1]:                                                   # no validation: the last average
         torch.testing.assert_close(last.state_dict()[k], averages[-1][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(last_trainer.last_step_state[k], steps[-1][k])   # kept to compare with
     assert any((averages[-1][k] - steps[-1][k]).abs().max() > 1e-3 for k in steps[-1])   # which is not the last step
     assert hist_last["ema_last_decay"] == 0.3 and hist_last["loss"] == hist_plain["loss"]
     model, trainer, hist, steps_ema, scored = train(0.3, scores=[3.0, 1.0, 2.0], every=4)

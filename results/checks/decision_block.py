@@ -9,15 +9,20 @@ so that the decision ends a block (``align_decision``, the full profile's defaul
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py ar <out.json>      # AR SFT, checkpointed
     DIFFGR2_RUNS=/tmp/runs python results/checks/decision_block.py cft_e6 <out.json>  # CFT from that AR model
 
-Environment: ``COMPILE_MODE=reduce-overhead`` sets the profile's ``compile_mode`` (CUDA graphs in SFT and CFT);
-``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0);
-``LR=6e-4`` overrides CFT's learning rate; ``AR_EPOCHS=24`` the AR SFT's epochs (a changed profile retrains and
-replaces the ``ar`` checkpoint, so give every command of one check the same value, and run variants side by side
-in separate ``DIFFGR2_RUNS`` folders); ``AR_EMA=0.995`` keeps and validates an exponential moving average of the AR
-SFT weights (``ar_ema``; same caveat; over the last ~200 steps: the trainer's warm-up caps the decay at
-(1 + t) / (10 + t), 0.9975 at the end of the full profile's 3,536 steps, so values above that change nothing);
-``COMPILE=1`` compiles training with static shapes; ``SPLIT=test`` scores every test user instead of validation users 256..1255; ``ALSO_VALID=1``
-also scores the CFT model on those validation users.
+Environment:
+
+* ``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0);
+* ``LR=6e-4`` overrides CFT's learning rate;
+* ``AR_EPOCHS=24`` sets the AR SFT's epochs. A changed profile retrains and replaces the ``ar`` checkpoint, so give
+  every command of one check the same value, and run variants side by side in separate ``DIFFGR2_RUNS`` folders;
+* ``AR_EMA=0.995`` keeps and validates an exponential moving average of the AR SFT weights (``ar_ema``; same
+  caveat), and ``ar`` then also decodes the same run's last step: a paired comparison. The trainer's warm-up caps
+  the decay at (1 + t) / (10 + t), 0.9975 at the end of the full profile's 3,536 steps, so larger values change
+  nothing; 0.995 averages over roughly the last 200 steps;
+* ``COMPILE=1`` compiles training with static shapes; ``COMPILE_MODE=reduce-overhead`` sets the profile's
+  ``compile_mode`` (CUDA graphs in SFT and CFT);
+* ``SPLIT=test`` scores every test user instead of validation users 256..1255; ``ALSO_VALID=1`` also scores the CFT
+  model on those validation users.
 
 ``ar`` trains the full profile's AR SFT, saves it as the ``ar`` stage checkpoint and decodes it freely.
 ``cft_e<epochs>`` loads that checkpoint, runs CFT (the full profile's recipe) for that many epochs and decodes the
@@ -84,11 +89,31 @@ def record(name, scored):
     dump()                        # partial results survive a time limit
 
 
+last_step = []                                  # AR_EMA: the same run's last step without the average
+if mode == "ar" and P.ar_ema:
+    from diffgr2_lite.train import Trainer
+
+    _fit = Trainer.fit
+
+    def fit_keeping_the_last_step(self, *args, **kwargs):
+        h = _fit(self, *args, **kwargs)
+        last_step.append(self.last_step_state)
+        return h
+
+    Trainer.fit = fit_keeping_the_last_step
 model, hist = pl.get_ar(P, ex)
 if mode == "ar":
     res["sft"] = {"steps": hist.get("steps"), "seconds": hist.get("seconds"), "loss_last": hist["loss"][-1]}
     record("ar_free", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device), rows_ds, ex,
                                P.eval_batch, P.device))
+    if last_step and last_step[-1] is not None:   # paired: the average against its own run's last step
+        import copy
+
+        res["sft"].update(val=hist.get("val"), ema=hist.get("ema"), ema_last_decay=hist.get("ema_last_decay"))
+        raw = copy.deepcopy(model)
+        raw.load_state_dict(last_step[-1])
+        record("ar_free_last_step", evaluate(ar_decoder(raw, ex, pl.ar_max_new(ex), False, P.device), rows_ds, ex,
+                                             P.eval_batch, P.device))
 else:
     epochs = float(mode.split("_e")[1])
     Pc = validate_profile(replace(P, cft_epochs=epochs, cft_lr=float(os.environ.get("LR", P.cft_lr))))
