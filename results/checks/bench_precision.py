@@ -5,8 +5,9 @@ under bf16 *autocast*: float32 weights and residual stream, bf16 matrix products
 can break in bf16, and then no setting of the benchmark is all-valid however good the model is.
 
 This check decodes every test user with the benchmark's own decoders (static cache, graphs, batch 64) twice, with
-bf16 weights and with float32 weights, for AR and for the final block-diffusion model at each tau and sub-block of
-the profile's benchmark, and prints valid rate and R@1 of each beside the series' float32 evaluation.
+bf16 weights and with float32 weights, for AR and for the final block-diffusion model at each tau (``TAUS``, default
+1.0 and 0.9) and each sub-block of the profile's benchmark, and prints valid rate and R@1 of each beside the series'
+float32 evaluation.
 
     DIFFGR2_RUNS=<runs of a finished series> python results/checks/bench_precision.py <out.json>
 
@@ -31,6 +32,7 @@ from diffgr2_lite.model import load_checkpoint
 out_path = sys.argv[1]
 P = get_profile(os.environ.get("PROF", "full"))
 batch = int(os.environ.get("BATCH", 64))
+taus = [float(t) for t in os.environ.get("TAUS", "1.0,0.9").split(",")]
 t0 = time.time()
 ex = pl.get_examples(P, progress=False)
 
@@ -66,6 +68,15 @@ def decode_all(decoder) -> dict:
     return score(list(range(n)), outs)
 
 
+def dump(show: bool = True):
+    """Print the newest setting and rewrite the file whole (partial results survive a time limit)."""
+    if show and res["settings"]:
+        print(res["settings"][-1], f"{time.time() - t0:.0f} s", flush=True)
+    with open(out_path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(out_path + ".tmp", out_path)
+
+
 res = {"profile": P.name, "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu",
        "users": n, "batch": batch, "block_size": B, "settings": []}
 for dtype_name, dtype in (("bf16", torch.bfloat16), ("float32", torch.float32)):
@@ -74,16 +85,16 @@ for dtype_name, dtype in (("bf16", torch.bfloat16), ("float32", torch.float32)):
     fast_ar, fast_final = speed_model(ar_model, P.device, dtype), speed_model(final, P.device, dtype)
     dec = FastARDecoder(fast_ar, batch, prompts.shape[1], max_new, tok.eos_token_id, graphs=graphs)
     res["settings"].append({"dtype": dtype_name, "decoder": "ar", **decode_all(dec)})
-    print(res["settings"][-1], flush=True)
+    dump()
     del dec
     for sub in sorted(set(P.bench_sub_blocks) | {P.sub_block}):
-        for tau in P.bench_taus:
+        for tau in taus:
             dec = FastDiffusionDecoder(fast_final, batch, prompts.shape[1], blocks, B, tok.mask_token_id,
                                        tok.eos_token_id, tau=tau, graphs=graphs, sub_block=sub if sub and sub < B
                                        else None)
             res["settings"].append({"dtype": dtype_name, "decoder": "diffusion", "tau": tau, "sub_block": sub,
                                     **decode_all(dec)})
-            print(res["settings"][-1], flush=True)
+            dump()
             del dec
 res["series_evaluation_float32"] = {}                 # the series' own records of the same checkpoints
 for stage in ("ar", "rl"):
@@ -92,6 +103,5 @@ for stage in ("ar", "rl"):
         rec = art.read_json(f)
         res["series_evaluation_float32"][stage] = {k: rec["metrics"][k] for k in ("valid_rate", "recall@1")}
 res["seconds"] = time.time() - t0
-with open(out_path, "w") as f:
-    json.dump(res, f, indent=1)
-print(json.dumps(res["series_evaluation_float32"]), f"{res['seconds']:.0f} s")
+dump(show=False)
+print(json.dumps(res["series_evaluation_float32"]), "done")
