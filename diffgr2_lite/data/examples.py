@@ -150,12 +150,11 @@ def build_examples(data: InteractionData, profile: Profile, progress: bool = Tru
 
     def row(u, hist, cands, ranking, decision_weight):
         cand_sids = [sids_of[c] for c in cands]
-        reasoning = teacher.trace(hist[-shown:], cands, ranking)
-        return {"user": data.user_ids[u], "history": hist[-profile.history_len:], "candidates": cands,
+        recent = hist[-shown:]                       # the history the prompt shows and the teacher speaks of
+        return {"user": data.user_ids[u], "history": recent, "candidates": cands,
                 "teacher_ranking": ranking, "decision_weight": decision_weight,
-                "prompt": build_prompt(fmt, [item_repr(h) for h in hist[-fmt.history_len:]],
-                                       [item_repr(c) for c in cands]),
-                "completion": build_completion(reasoning, cand_sids, ranking),
+                "prompt": build_prompt(fmt, [item_repr(h) for h in recent], [item_repr(c) for c in cands]),
+                "completion": build_completion(teacher.trace(recent, cands, ranking), cand_sids, ranking),
                 "completion_direct": build_completion(None, cand_sids, ranking)}
 
     rows = {"train": [], "valid": [], "test": []}
