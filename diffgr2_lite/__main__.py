@@ -125,11 +125,12 @@ def results_table(records: dict) -> str:
     if "speed" in records:
         s = records["speed"]
         tail = ("\n\nSpeed (" + s["device"] + "):\n\n| decoder | batch | B | tau | sub-block | tokens/s | "
-                "tokens/forward | speedup | R@1 | strict R@1 | valid |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+                "tokens/forward | speedup | R@1 | strict R@1 | valid | prompts scored |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         tail += "\n".join(f"| {r['decoder']} | {r['batch']} | {r['block_size']} | {r['tau']} | "
                           f"{r.get('sub_block') or ''} | {r['tokens_per_s']:.0f} | {r['tokens_per_forward']:.2f} | "
                           f"{r.get('speedup_vs_ar', 1.0):.2f}x | {r['recall@1']:.4f} | "
-                          f"{_strict(r)} | {r['valid_rate']:.3f} |" for r in s["rows"])
+                          f"{_strict(r)} | {r['valid_rate']:.3f} | {r.get('scored', '–')} |" for r in s["rows"])
     return head + "\n" + "\n".join(rows) + tail
 
 

@@ -100,7 +100,7 @@ class Profile:
     rl_clip: float = 0.2
     rl_hack_steps: int = 2            # the short unconditional-format run that shows order copying
     # speed benchmark
-    bench_prompts: int = 8
+    bench_prompts: int | None = 8     # test prompts the benchmark decodes (None: every test user)
     bench_batches: tuple[int, ...] = (1, 8)
     bench_taus: tuple[float, ...] = (1.0, 0.9, 0.6, 0.4)
     bench_block_sizes: tuple[int, ...] = (32,)
@@ -136,7 +136,7 @@ PROFILES: dict[str, Profile] = {
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,
         rl_steps=10, rl_prompts=12, rl_group=4, rl_lr=1e-5, rl_hack_steps=4,
-        bench_prompts=64, bench_batches=(1, 64), bench_repeats=3,
+        bench_prompts=None, bench_batches=(1, 64), bench_repeats=1,
         bench_block_sizes=(32,), sweep_taus=(1.0, 0.7, 0.4), sweep_block_sizes=(8, 32),
     ),
 }

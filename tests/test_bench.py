@@ -136,7 +136,7 @@ def test_time_decoder_median_and_warmup():
 
 def test_rows_have_the_contract_keys(rows):
     keys = {"decoder", "batch", "block_size", "tau", "sub_block", "tokens_per_s", "ms_per_forward", "tokens_per_forward",
-            "latency_ms_per_request", "recall@1", "strict_recall@1", "valid_rate", "graphs", "speedup_vs_ar"}
+            "latency_ms_per_request", "recall@1", "strict_recall@1", "valid_rate", "scored", "graphs", "speedup_vs_ar"}
     assert all(set(r) == keys for r in rows)
     assert all(0.0 <= r["strict_recall@1"] <= r["recall@1"] for r in rows)     # an invalid answer is a miss
     assert [(r["decoder"], r["batch"], r["tau"]) for r in rows] == [
@@ -174,7 +174,18 @@ def test_serving_batch_arithmetic(rows):
     assert d1["speedup_vs_ar"] == pytest.approx(2.5)
     assert d05["speedup_vs_ar"] == pytest.approx(5.0)
     for r in (ar, d1, d05):                                         # hits on rows 0 and 3; rows 0 and 1 valid
-        assert r["recall@1"] == 0.5 and r["valid_rate"] == 0.5
+        assert r["recall@1"] == 0.5 and r["valid_rate"] == 0.5 and r["scored"] == 4
+
+
+def test_a_partial_last_batch_is_filled_up_timed_and_scored_once():
+    FakeAR.base, CLOCK.now = 10.0, 0.0
+    cfg = BenchConfig(max_new=8, batches=(3,), taus=(1.0,), block_sizes=(4,), n_single=2, repeats=1, warmup=0)
+    ar = benchmark(torch.nn.Linear(2, 2), torch.arange(4)[:, None].repeat(1, 5), ROWS, ExampleSet(), cfg,
+                   timer=CLOCK, ar_cls=FakeAR, diffusion_cls=FakeDiffusion, log=None)[0]
+    # batches [0, 1, 2] and [3, 0, 1]: calls cost 10 x 3 and 10 x 1 ms; every decoded row's tokens count
+    assert ar["tokens_per_s"] == pytest.approx((7 + 5 + 6 + 8 + 7 + 5) / 0.040)
+    assert ar["latency_ms_per_request"] == 20.0
+    assert ar["scored"] == 4 and ar["recall@1"] == 0.5 and ar["valid_rate"] == 0.5     # prompts 0 and 1 once
 
 
 def test_batch_one_arithmetic(rows):
@@ -187,11 +198,13 @@ def test_batch_one_arithmetic(rows):
     assert d1["tokens_per_forward"] == pytest.approx(12 / 4)
     assert d1["speedup_vs_ar"] == pytest.approx(60 / 16)
     assert ar["recall@1"] == 0.5 and ar["valid_rate"] == 1.0        # scored on prompts 0 and 1 only
+    assert ar["scored"] == 2
 
 
 def test_groups():
     assert bench._groups(10, 1, 3) == [[0], [1], [2]]
-    assert bench._groups(10, 4, 3) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # full batches only
+    assert bench._groups(10, 4, 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]  # every prompt, the last filled up
+    assert bench._groups(8, 4, 3) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert bench._groups(3, 4, 3) == [[0, 1, 2, 0]]                  # too few prompts: cycled into one batch
 
 

@@ -269,6 +269,37 @@ def test_findings_are_read_from_records():
     assert "measured 2026-01-03" in only_speed and "2.50× at τ 0.9" in only_speed and "test users" not in only_speed
 
 
+def test_speed_findings_read_each_settings_accuracy_from_its_widest_row_and_apply_the_bar():
+    from diffgr2_lite.viz import setting_accuracy, speed_findings
+
+    def row(decoder, batch, tau, speedup, r1, valid, scored, sub_block=None):
+        return {"decoder": decoder, "batch": batch, "block_size": 1 if decoder == "ar" else 32, "tau": tau,
+                "sub_block": sub_block, "tokens_per_s": 100.0 * speedup, "ms_per_forward": 1.0,
+                "tokens_per_forward": 1.0, "speedup_vs_ar": speedup, "recall@1": r1, "strict_recall@1": r1 * valid,
+                "valid_rate": valid, "scored": scored}
+
+    rows = [row("ar", 1, None, 1.0, 0.5, 1.0, 16), row("diffusion", 1, 1.0, 0.8, 0.5, 1.0, 16),
+            row("diffusion", 1, 0.6, 5.0, 0.6, 1.0, 16), row("diffusion", 1, 1.0, 0.9, 0.5, 1.0, 16, sub_block=8),
+            row("ar", 64, None, 1.0, 0.37, 0.987, 1741), row("diffusion", 64, 1.0, 0.6, 0.36, 0.992, 1741),
+            row("diffusion", 64, 0.6, 4.0, 0.36, 0.95, 1741), row("diffusion", 64, 1.0, 0.5, 0.37, 0.993, 1741, 8)]
+    acc = setting_accuracy(rows)
+    assert acc[("diffusion", 32, 0.6, 0)] == {"recall@1": 0.36, "strict_recall@1": 0.36 * 0.95, "valid_rate": 0.95,
+                                              "scored": 1741}                # batch 64's, not batch 1's 16 prompts
+    text = " ".join(speed_findings(rows))
+    assert "measured on the 1,741 prompts" in text and "the first 16 of them" in text
+    # at batch 1 the 16 timed prompts are all valid at tau 0.6, but over every user it is 95%: below the bar
+    assert "**Fastest setting with valid ≥ 99.0% at batch 1:** B = 32, τ 1.0, sub-blocks of 8, 0.90× AR's" in text
+    assert "valid 99.3%, R@1 0.370, strict 0.367, against AR's R@1 0.370 (valid 98.7%)" in text
+    assert "**Fastest setting with valid ≥ 99.0% at batch 64:** B = 32, τ 1.0, whole block, 0.60×" not in text
+    assert "at batch 64:** B = 32, τ 1.0, 0.60× AR's tokens/s" in text            # the faster of the two valid ones
+    assert "**is not met**" in text                                                # none valid enough is faster
+    assert "**is not met**" in " ".join(speed_findings(rows, bar=0.95))            # tau 0.6: valid, but R@1 < AR's
+    rows[6]["recall@1"] = 0.37
+    assert "is met** by 2 setting(s); the fastest: 5.00× at batch 1, τ 0.6." in " ".join(speed_findings(rows, bar=0.95))
+    assert "No diffusion setting reaches valid ≥ 99.5% at batch 64**; the most valid is τ 1.0, sub-blocks of 8 at " \
+           "99.3%" in " ".join(speed_findings(rows, bar=0.995))
+
+
 def test_scrubber_reads_as_text_where_it_cannot_render():
     pytest.importorskip("ipywidgets")
     from diffgr2_lite.viz import denoise_widget

@@ -7,7 +7,8 @@ can break in bf16, and then no setting of the benchmark is all-valid however goo
 This check decodes every test user with the benchmark's own decoders (static cache, graphs, batch 64) twice, with
 bf16 weights and with float32 weights, for AR and for the final block-diffusion model at each tau (``TAUS``, default
 1.0 and 0.9) and each sub-block of the profile's benchmark, and prints valid rate and R@1 of each beside the series'
-float32 evaluation.
+float32 evaluation. ``DTYPES=float32`` runs the float32 half alone: notebook 08 now scores its bf16 settings on every
+test user itself.
 
     DIFFGR2_RUNS=<runs of a finished series> python results/checks/bench_precision.py <out.json>
 
@@ -33,6 +34,7 @@ out_path = sys.argv[1]
 P = get_profile(os.environ.get("PROF", "full"))
 batch = int(os.environ.get("BATCH", 64))
 taus = [float(t) for t in os.environ.get("TAUS", "1.0,0.9").split(",")]
+dtypes = os.environ.get("DTYPES", "bf16,float32").split(",")
 t0 = time.time()
 ex = pl.get_examples(P, progress=False)
 
@@ -80,6 +82,8 @@ def dump(show: bool = True):
 res = {"profile": P.name, "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu",
        "users": n, "batch": batch, "block_size": B, "settings": []}
 for dtype_name, dtype in (("bf16", torch.bfloat16), ("float32", torch.float32)):
+    if dtype_name not in dtypes:
+        continue
     if dtype_name == "bf16" and P.device != "cuda" and os.environ.get("CPU_BF16") != "1":
         continue                                     # bf16 on a CPU is slow; CPU_BF16=1 runs it anyway
     fast_ar, fast_final = speed_model(ar_model, P.device, dtype), speed_model(final, P.device, dtype)
