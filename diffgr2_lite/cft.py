@@ -48,13 +48,15 @@ def cft_loss_fn(profile: Profile, ex, answer_mask_prob: float = 0.0, complementa
 
 
 def _fit_cft(profile: Profile, ex, model, rows, *, loss_fn, lambda_r: float, epochs: float, lr: float, seed: int,
-             desc: str, validate=None) -> dict:
+             desc: str, validate=None, schedule: str = "cosine") -> dict:
     """The CFT training loop on the teacher trajectories (``rows``: ``ex.training_rows()``, the same rows as SFT),
-    with the same relabelled and colliding share."""
+    with the same relabelled and colliding share, and the learning-rate ``schedule`` (a name in
+    ``train.SCHEDULES``)."""
     return train_supervised(model, rows, ex.tokenizer, loss_fn=loss_fn,
                             transform=relabel_transform(ex.tokenizer, ex.fmt, profile.relabel_share, profile.seed + 2,
                                                         process_device(profile.device), profile.collide_share),
-                            epochs=epochs, lr=lr, batch_size=profile.batch_size, grad_accum=profile.grad_accum,
+                            epochs=epochs, lr=lr, schedule=schedule, batch_size=profile.batch_size,
+                            grad_accum=profile.grad_accum,
                             buckets=profile.length_buckets, compile=profile.compile,
                             compile_options=compile_options_for(profile.compile_mode),
                             lambda_r=lambda_r, lambda_o=profile.lambda_answer, device=profile.device,
@@ -73,7 +75,8 @@ def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: floa
     hist = _fit_cft(profile, ex, model, ex.training_rows(),
                     loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
                     lambda_r=lambda_r, epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr),
-                    seed=profile.seed, desc=f"CFT ({variant})", validate=diffusion_validate(profile, ex, n=128))
+                    seed=profile.seed, desc=f"CFT ({variant})", validate=diffusion_validate(profile, ex, n=128),
+                    schedule=profile.cft_schedule)
     return model, hist
 
 

@@ -83,6 +83,7 @@ class Profile:
     sub_block: int = 8
     cft_epochs: float = 1.0
     cft_lr: float = 5e-4
+    cft_schedule: str = "cosine"      # of the CFT learning rate: one of SCHEDULE_NAMES
     cft_ablation_epochs: float = 0.5  # CFT variants compared in notebook 05 (shorter than the main run)
     sweep_n: int = 48                 # test users per point of the tau / block-size sweeps (notebook 04)
     # OPD
@@ -243,9 +244,10 @@ def validate_profile(profile: Profile) -> Profile:
     if profile.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"profile field compile_mode={profile.compile_mode!r} is invalid: must be one of "
                           f"{', '.join(map(repr, COMPILE_MODES))}")
-    if profile.ar_schedule not in SCHEDULE_NAMES:
-        raise ConfigError(f"profile field ar_schedule={profile.ar_schedule!r} is invalid: must be one of "
-                          f"{', '.join(SCHEDULE_NAMES)}")
+    for name in ("ar_schedule", "cft_schedule"):
+        if getattr(profile, name) not in SCHEDULE_NAMES:
+            raise ConfigError(f"profile field {name}={getattr(profile, name)!r} is invalid: must be one of "
+                              f"{', '.join(SCHEDULE_NAMES)}")
     if profile.relabel_share + profile.collide_share > 1:
         raise ConfigError(f"profile fields relabel_share={profile.relabel_share} and collide_share="
                           f"{profile.collide_share} are shares of the same rows: their sum must be at most 1")

@@ -70,6 +70,8 @@ def test_unknown_sft_schedule_is_refused_with_the_valid_names():
     with pytest.raises(ConfigError, match=r"ar_schedule='linear' is invalid: must be one of cosine, stable_decay"):
         get_profile("smoke", ar_schedule="linear")
     assert get_profile("smoke", ar_schedule="stable_decay").ar_schedule == "stable_decay"
+    with pytest.raises(ConfigError, match=r"cft_schedule='linear' is invalid: must be one of cosine, stable_decay"):
+        get_profile("smoke", cft_schedule="linear")
 
 
 def test_effective_sub_block_is_the_profiles_unless_given_and_none_for_the_whole_block():

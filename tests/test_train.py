@@ -387,6 +387,37 @@ def test_a_profiles_compile_mode_reaches_torch_compile_in_sft_and_cft(monkeypatc
         assert seen["cft"] == compile_options_for(mode)
 
 
+def test_the_cft_schedule_of_a_profile_reaches_the_trainer(monkeypatch):
+    """``cft_schedule`` is the learning-rate schedule of the main CFT run (train_cft); the continued-CFT control of
+    OPD keeps the cosine default."""
+    from diffgr2_lite import cft
+    from diffgr2_lite.config import get_profile
+
+    seen = {}
+
+    def fake_train_supervised(*args, **kwargs):
+        seen[kwargs["desc"]] = kwargs["schedule"]
+        return {}
+
+    monkeypatch.setattr(cft, "train_supervised", fake_train_supervised)
+    monkeypatch.setattr(cft, "relabel_transform", lambda *a, **k: None)
+    monkeypatch.setattr(cft, "diffusion_validate", lambda *a, **k: None)
+    monkeypatch.setattr(cft, "cft_loss_fn", lambda *a, **k: None)
+
+    class Ex:
+        tokenizer, fmt = StubTokenizer(), None
+
+        def training_rows(self):
+            return [{"completion": "x"}] * 4
+
+    model = torch.nn.Linear(2, 2)
+    for schedule in ("cosine", "stable_decay"):
+        P = get_profile("smoke", cft_schedule=schedule, copy_steps=0)
+        cft.train_cft(P, Ex(), model)
+        cft.continue_cft(P, Ex(), model, steps=2)
+        assert seen == {"CFT (cft)": schedule, "CFT (continued, off-policy control)": "cosine"}
+
+
 def test_auto_compiles_only_long_runs_on_cuda():
     from diffgr2_lite.train import AUTO_COMPILE_MIN_STEPS, compile_enabled
 

@@ -12,7 +12,8 @@ so that the decision ends a block (``align_decision``, the full profile's defaul
 Environment:
 
 * ``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0);
-* ``LR=6e-4`` overrides CFT's learning rate;
+* ``LR=6e-4`` overrides CFT's learning rate, ``CFT_SCHEDULE=stable_decay`` its schedule (``cft_schedule``);
+* ``DECODES=sub8,plain`` limits a ``cft_e*`` run to those of its decodes (names below; default: all);
 * ``AR_EPOCHS=24`` sets the AR SFT's epochs. A changed profile retrains and replaces the ``ar`` checkpoint, so give
   every command of one check the same value, and run variants side by side in separate ``DIFFGR2_RUNS`` folders;
 * ``AR_EMA=0.995`` keeps and validates an exponential moving average of the AR SFT weights (``ar_ema``; same
@@ -116,15 +117,19 @@ if mode == "ar":
                                              P.eval_batch, P.device))
 else:
     epochs = float(mode.split("_e")[1])
-    Pc = validate_profile(replace(P, cft_epochs=epochs, cft_lr=float(os.environ.get("LR", P.cft_lr))))
+    Pc = validate_profile(replace(P, cft_epochs=epochs, cft_lr=float(os.environ.get("LR", P.cft_lr)),
+                                  cft_schedule=os.environ.get("CFT_SCHEDULE", P.cft_schedule)))
     cft_model, h = cft_mod.train_cft(Pc, ex, model, "cft")
-    res["cft_train"] = {"epochs": epochs, "lr": Pc.cft_lr, "steps": h["steps"], "seconds": h["seconds"],
-                        "loss_last": h["loss"][-1]}
+    res["cft_train"] = {"epochs": epochs, "lr": Pc.cft_lr, "schedule": Pc.cft_schedule, "steps": h["steps"],
+                        "seconds": h["seconds"], "loss_last": h["loss"][-1], "val": h.get("val")}
     # tau 1.01: exactly one token per step (at tau 1.0, float32 probabilities that round to 1.0 commit together;
     # Fast-dLLM v2's reference decoder compares strictly, conf > tau, which at tau 1.0 is one token per step)
     decodes = [("plain", 1.0, None), ("one_per_step", 1.01, None), ("sub8", 1.0, 8), ("sub8_one_per_step", 1.01, 8),
                ("sub8_tau0.9", 0.9, 8), ("plain_tau0.9", 0.9, None)]
+    chosen = os.environ.get("DECODES")
     for name, tau, sub in decodes:
+        if chosen and name not in chosen.split(","):
+            continue
         record(name, evaluate(diffusion_decoder(cft_model, ex, Pc, tau, sub_block=sub), rows_ds, ex, P.eval_batch,
                               P.device))
     if os.environ.get("ALSO_VALID"):         # the same model on validation users 256..1255 (whole block and sub-8)
