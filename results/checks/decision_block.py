@@ -12,7 +12,9 @@ so that the decision ends a block (``align_decision``, the full profile's defaul
 Environment:
 
 * ``SEED=1`` trains with another seed on the same data (the data is always the profile's, seed 0);
-* ``LR=6e-4`` overrides CFT's learning rate, ``CFT_SCHEDULE=stable_decay`` its schedule (``cft_schedule``);
+* ``LR=6e-4`` overrides CFT's learning rate, ``CFT_SCHEDULE=stable_decay`` its schedule (``cft_schedule``) and
+  ``CFT_SEED=1`` its seed alone (batch order, masks, relabelling), from the same AR checkpoint: several ``cft_e*``
+  with different ``CFT_SEED`` side by side measure CFT's own run-to-run spread;
 * ``DECODES=sub8,plain`` limits a ``cft_e*`` run to those of its decodes (names below; default: all);
 * ``AR_EPOCHS=24`` sets the AR SFT's epochs. A changed profile retrains and replaces the ``ar`` checkpoint, so give
   every command of one check the same value, and run variants side by side in separate ``DIFFGR2_RUNS`` folders;
@@ -118,9 +120,10 @@ if mode == "ar":
 else:
     epochs = float(mode.split("_e")[1])
     Pc = validate_profile(replace(P, cft_epochs=epochs, cft_lr=float(os.environ.get("LR", P.cft_lr)),
-                                  cft_schedule=os.environ.get("CFT_SCHEDULE", P.cft_schedule)))
+                                  cft_schedule=os.environ.get("CFT_SCHEDULE", P.cft_schedule),
+                                  seed=int(os.environ.get("CFT_SEED", P.seed))))
     cft_model, h = cft_mod.train_cft(Pc, ex, model, "cft")
-    res["cft_train"] = {"epochs": epochs, "lr": Pc.cft_lr, "schedule": Pc.cft_schedule, "steps": h["steps"],
+    res["cft_train"] = {"epochs": epochs, "lr": Pc.cft_lr, "schedule": Pc.cft_schedule, "seed": Pc.seed, "steps": h["steps"],
                         "seconds": h["seconds"], "loss_last": h["loss"][-1], "val": h.get("val")}
     # tau 1.01: exactly one token per step (at tau 1.0, float32 probabilities that round to 1.0 commit together;
     # Fast-dLLM v2's reference decoder compares strictly, conf > tau, which at tau 1.0 is one token per step)
