@@ -374,36 +374,51 @@ def length_table(rows: list[dict]) -> list[dict]:
              "tokens/forward": f"{r['tokens_per_forward']:.2f}", "speedup": f"{r['speedup']:.2f}×"} for r in rows]
 
 
-def plot_speed_frontier(rows: list[dict]):
-    """One panel per batch size: each diffusion setting at (speedup over AR, strict R@1), labelled with its tau and
-    valid rate; AR's strict R@1 dashed. Accuracy is the setting's over the most prompts it was scored on
-    (:func:`setting_accuracy`). Labels alternate above and below their point so neighbours do not collide."""
+def plot_speed_frontier(rows: list[dict], bar: float = VALID_BAR):
+    """Speed against accuracy, one column per batch size: each diffusion setting's speedup over AR (log scale)
+    against its valid rate (top, with the ``bar`` dotted) and its strict R@1 (bottom), one line per sampler
+    (whole block, sub-blocks), each point labelled with its tau; AR dashed. Accuracy is the setting's over the most
+    prompts it was scored on (:func:`setting_accuracy`)."""
     acc = setting_accuracy(rows)
     rows = [{**r, **acc[setting_key(r)]} for r in rows]
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 3.6), squeeze=False, sharey=True)
-    for ax, b in zip(axes[0], batches):
+    fig, axes = plt.subplots(2, len(batches), figsize=(5.4 * len(batches), 5.6), squeeze=False, sharex="col",
+                             sharey="row")
+    panels = (("valid_rate", 100.0, "valid rankings (%)"), ("strict_recall@1", 1.0, "strict R@1 (invalid = miss)"))
+    for col, b in enumerate(batches):
         pts = sorted((r for r in rows if r["batch"] == b and r["decoder"] != "ar"), key=lambda r: r["speedup_vs_ar"])
         ar = next(r for r in rows if r["batch"] == b and r["decoder"] == "ar")
-        for sub_block in sorted({r.get("sub_block") or 0 for r in pts}):      # one line per sampler family
-            fam = [r for r in pts if (r.get("sub_block") or 0) == sub_block]
-            ys = [r.get("strict_recall@1") or 0.0 for r in fam]
-            ax.plot([r["speedup_vs_ar"] for r in fam], ys, marker="o" if not sub_block else "s", lw=1,
-                    label="block diffusion" + (f", {sampler_label(sub_block)}" if sub_block else ""))
-            for i, (r, y) in enumerate(zip(fam, ys)):
-                ax.annotate(f"τ {r['tau']}\nvalid {r['valid_rate']:.0%}", (r["speedup_vs_ar"], y), fontsize=7,
-                            ha="center", va="bottom" if i % 2 == 0 else "top", textcoords="offset points",
-                            xytext=(0, 7 if i % 2 == 0 else -7))
-        ax.axhline(ar.get("strict_recall@1") or 0.0, color="k", ls="--", lw=1,
-                   label=f"AR (valid {ar['valid_rate']:.0%})")
-        ax.axvline(1, color="grey", lw=1)
+        for row, (key, scale, label) in enumerate(panels):
+            ax = axes[row, col]
+            for k, sub_block in enumerate(sorted({r.get("sub_block") or 0 for r in pts})):   # one line per sampler
+                fam = [r for r in pts if (r.get("sub_block") or 0) == sub_block]
+                ys = [scale * (r.get(key) or 0.0) for r in fam]
+                ax.plot([r["speedup_vs_ar"] for r in fam], ys, marker="s" if sub_block else "o", lw=1,
+                        color=f"C{k}", label="block diffusion" + (f", {sampler_label(sub_block)}" if sub_block else
+                                                                  ", whole block"))
+                if row == 0:                     # tau labels once: whole block above its points, sub-blocks right
+                    for r, y in zip(fam, ys):
+                        ax.annotate(f"τ {r['tau']}", (r["speedup_vs_ar"], y), fontsize=7,
+                                    ha="left" if sub_block else "center", va="center" if sub_block else "bottom",
+                                    textcoords="offset points", xytext=(6, 0) if sub_block else (0, 6),
+                                    color=f"C{k}")
+            ax.axhline(scale * (ar.get(key) or 0.0), color="k", ls="--", lw=1, label="AR")
+            if row == 0:
+                ax.axhline(100 * bar, color="grey", ls=":", lw=1, label=f"{bar:.0%} valid")
+                ax.set_title(f"batch {b}")
+            ax.axvline(1, color="grey", lw=0.8)
+            ax.set_xscale("log")
+            if col == 0:
+                ax.set_ylabel(label)
+        axes[1, col].set_xlabel("speedup over AR (tokens/s, log scale)")
         xs = [r["speedup_vs_ar"] for r in pts] + [1.0]
-        ax.set_xlim(min(xs) - 0.25, max(xs) + 0.25)
-        ax.set(xlabel="speedup over AR (tokens/s)", title=f"batch {b}")
-        ax.legend(fontsize=7, loc="best")
-    axes[0, 0].set_ylabel("strict R@1 (invalid = miss)")
-    top = max([r.get("strict_recall@1") or 0.0 for r in rows] + [0.05])
-    axes[0, 0].set_ylim(-0.25 * top, 1.35 * top)
-    fig.suptitle("speed against accuracy, same setting, same run", fontsize=10)
+        axes[1, col].set_xlim(min(xs) / 1.25, max(xs) * 1.25)
+    for ax in axes[1]:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32) if lo <= t <= hi]
+        ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
+        ax.minorticks_off()
+    axes[0, -1].legend(fontsize=7, loc="lower left")
+    fig.suptitle("speed against accuracy, same setting, same run (accuracy over every prompt scored)", fontsize=10)
     fig.tight_layout()
     return fig

@@ -353,3 +353,30 @@ def test_a_failing_notebook_is_named_in_one_line(monkeypatch, tmp_path, capsys):
     assert "03_block_diffusion.ipynb failed in cell [4]: KeyError: 'metrics'" in err
     assert str(tmp_path / "03_block_diffusion.ipynb") in err and "long traceback" not in err
     monkeypatch.delenv("DIFFGR2_PLAIN_PROGRESS", raising=False)
+
+
+def test_speed_frontier_plots_each_settings_widest_accuracy_against_its_speedup():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from diffgr2_lite.viz import plot_speed_frontier
+
+    def row(decoder, batch, tau, speedup, valid, scored, sub_block=None):
+        return {"decoder": decoder, "batch": batch, "block_size": 1 if decoder == "ar" else 32, "tau": tau,
+                "sub_block": sub_block, "speedup_vs_ar": speedup, "recall@1": 0.4, "strict_recall@1": 0.4 * valid,
+                "valid_rate": valid, "scored": scored}
+
+    rows = [row("ar", 1, None, 1.0, 1.0, 2), row("diffusion", 1, 0.9, 3.0, 1.0, 2),
+            row("diffusion", 1, 0.9, 2.0, 1.0, 2, sub_block=8),
+            row("ar", 8, None, 1.0, 0.99, 50), row("diffusion", 8, 0.9, 2.5, 0.9, 50),
+            row("diffusion", 8, 0.9, 1.5, 0.98, 50, sub_block=8)]
+    fig = plot_speed_frontier(rows)
+    assert len(fig.axes) == 4                                         # valid and strict R@1, for batches 1 and 8
+    top_b1 = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in top_b1.get_lines()}
+    # batch 1's points carry the batch-8 rows' accuracy (50 prompts scored, not 2): 90% and 98%, at 3x and 2x
+    assert list(lines["block diffusion, whole block"].get_ydata()) == [90.0]
+    assert list(lines["block diffusion, whole block"].get_xdata()) == [3.0]
+    assert list(lines["block diffusion, sub-blocks of 8"].get_ydata()) == [98.0]
+    assert list(lines["AR"].get_ydata()) == [99.0, 99.0] and list(lines["99% valid"].get_ydata()) == [99.0, 99.0]
+    matplotlib.pyplot.close(fig)
