@@ -228,7 +228,9 @@ def benchmark(model, prompts: torch.Tensor, rows, example_set, cfg, *, max_new: 
     device = next(model.parameters()).device
     tok = example_set.tokenizer
     eos_id, mask_id = tok.eos_token_id, tok.mask_token_id
-    N = min(len(prompts), cfg.n_prompts or len(prompts))
+    N = min(len(prompts), len(prompts) if cfg.n_prompts is None else cfg.n_prompts)
+    if N < 1:
+        raise ValueError(f"no prompts to benchmark ({len(prompts)} given, n_prompts={cfg.n_prompts})")
     P = prompts.shape[1]
     score = make_scorer(rows, example_set)
     graphs = bool(cfg.graphs) and device.type == "cuda"

@@ -201,6 +201,13 @@ def test_batch_one_arithmetic(rows):
     assert ar["scored"] == 2
 
 
+def test_no_prompts_is_a_clear_error():
+    cfg = BenchConfig(max_new=8, batches=(4,), taus=(1.0,), block_sizes=(4,), n_prompts=0, repeats=1, warmup=0)
+    with pytest.raises(ValueError, match="no prompts to benchmark"):
+        benchmark(torch.nn.Linear(2, 2), torch.arange(4)[:, None].repeat(1, 5), ROWS, ExampleSet(), cfg,
+                  timer=CLOCK, ar_cls=FakeAR, diffusion_cls=FakeDiffusion, log=None)
+
+
 def test_groups():
     assert bench._groups(10, 1, 3) == [[0], [1], [2]]
     assert bench._groups(10, 4, 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]  # every prompt, the last filled up

@@ -290,12 +290,18 @@ def test_speed_findings_read_each_settings_accuracy_from_its_widest_row_and_appl
     # at batch 1 the 16 timed prompts are all valid at tau 0.6, but over every user it is 95%: below the bar
     assert "**Fastest setting with valid ≥ 99.0% at batch 1:** B = 32, τ 1.0, sub-blocks of 8, 0.90× AR's" in text
     assert "valid 99.3%, R@1 0.370, strict 0.367, against AR's R@1 0.370 (valid 98.7%)" in text
-    assert "**Fastest setting with valid ≥ 99.0% at batch 64:** B = 32, τ 1.0, whole block, 0.60×" not in text
+    assert "at batch 64:** B = 32, τ 1.0, sub-blocks of 8" not in text             # the slower valid one
     assert "at batch 64:** B = 32, τ 1.0, 0.60× AR's tokens/s" in text            # the faster of the two valid ones
     assert "**is not met**" in text                                                # none valid enough is faster
     assert "**is not met**" in " ".join(speed_findings(rows, bar=0.95))            # tau 0.6: valid, but R@1 < AR's
     rows[6]["recall@1"] = 0.37
-    assert "is met** by 2 setting(s); the fastest: 5.00× at batch 1, τ 0.6." in " ".join(speed_findings(rows, bar=0.95))
+    assert "is met** by 1 setting(s); the fastest: 5.00× at batch 1, τ 0.6." in " ".join(speed_findings(rows, bar=0.95))
+    # an older speed.json without "scored": each setting's accuracy is its largest batch's, not batch 1's
+    old = [{k: v for k, v in r.items() if k != "scored"} for r in rows]
+    assert setting_accuracy(old)[("diffusion", 32, 0.6, 0)]["valid_rate"] == 0.95
+    assert not any(b.startswith("**Accuracy**") for b in speed_findings(old))
+    only_serving = " ".join(speed_findings([r for r in rows if r["batch"] == 64]))
+    assert "measured on the 1,741 prompts its serving-batch rows decode." in only_serving and "batch-1" not in only_serving
     assert "No diffusion setting reaches valid ≥ 99.5% at batch 64**; the most valid is τ 1.0, sub-blocks of 8 at " \
            "99.3%" in " ".join(speed_findings(rows, bar=0.995))
 
@@ -379,4 +385,8 @@ def test_speed_frontier_plots_each_settings_widest_accuracy_against_its_speedup(
     assert list(lines["block diffusion, whole block"].get_xdata()) == [3.0]
     assert list(lines["block diffusion, sub-blocks of 8"].get_ydata()) == [98.0]
     assert list(lines["AR"].get_ydata()) == [99.0, 99.0] and list(lines["99% valid"].get_ydata()) == [99.0, 99.0]
+    matplotlib.pyplot.close(fig)
+    fig = plot_speed_frontier(rows + [{**rows[1], "batch": 4}])      # a batch size without an AR row: no AR line
+    assert len(fig.axes) == 6 and fig.axes[1].get_title() == "batch 4"
+    assert "AR" not in {ln.get_label() for ln in fig.axes[1].get_lines()}
     matplotlib.pyplot.close(fig)

@@ -35,6 +35,8 @@ P = get_profile(os.environ.get("PROF", "full"))
 batch = int(os.environ.get("BATCH", 64))
 taus = [float(t) for t in os.environ.get("TAUS", "1.0,0.9").split(",")]
 dtypes = os.environ.get("DTYPES", "bf16,float32").split(",")
+if not set(dtypes) <= {"bf16", "float32"}:
+    sys.exit(f"DTYPES={','.join(dtypes)}: each must be bf16 or float32")
 t0 = time.time()
 ex = pl.get_examples(P, progress=False)
 
