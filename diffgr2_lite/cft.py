@@ -22,7 +22,7 @@ from .config import Profile
 from .decoders import diffusion_validate
 from .diffusion.objective import masked_diffusion_terms
 from .copy_warmup import relabel_transform
-from .train import compile_options_for, process_device, train_supervised
+from .train import engine_settings, process_device, train_supervised
 
 VARIANTS = {
     "cft": dict(answer_mask_prob=0.0, complementary=True, answer_weighted_reasoning=False),
@@ -56,10 +56,7 @@ def _fit_cft(profile: Profile, ex, model, rows, *, loss_fn, lambda_r: float, epo
                             transform=relabel_transform(ex.tokenizer, ex.fmt, profile.relabel_share, profile.seed + 2,
                                                         process_device(profile.device), profile.collide_share),
                             epochs=epochs, lr=lr, schedule=schedule, batch_size=profile.batch_size,
-                            grad_accum=profile.grad_accum,
-                            buckets=profile.length_buckets, compile=profile.compile,
-                            compile_options=compile_options_for(profile.compile_mode),
-                            lambda_r=lambda_r, lambda_o=profile.lambda_answer, device=profile.device,
+                            **engine_settings(profile), lambda_r=lambda_r, lambda_o=profile.lambda_answer, device=profile.device,
                             seed=seed, multiple_of=profile.block_size, desc=desc, validate=validate)
 
 

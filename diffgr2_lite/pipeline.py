@@ -28,7 +28,7 @@ from .decoders import (ar_decoder, ar_max_new, diffusion_decoder, diffusion_vali
                        validation_score)
 from .evaluate import bootstrap_vs, cached_evaluation, evaluate, fixed_rankings, model_fingerprint  # noqa: F401
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
-from .train import compile_options_for, distributed, end_distributed, process_device, train_supervised
+from .train import distributed, end_distributed, engine_settings, process_device, train_supervised
 
 STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained",
           "cft", "opd", "rl", "speed")
@@ -142,12 +142,6 @@ COPY_WARMUP_FIELDS = DATA_FIELDS + ("device", "model", "copy_steps", "copy_batch
                                     "copy_check_every", "copy_relabel")
 
 
-def _engine(profile: Profile) -> dict:
-    """The training-engine settings of the profile (see :mod:`diffgr2_lite.train`)."""
-    return dict(grad_accum=profile.grad_accum, buckets=profile.length_buckets, compile=profile.compile,
-                compile_options=compile_options_for(profile.compile_mode))
-
-
 def gate_rows(ex, n: int = 256) -> list[dict]:
     """Held-out prompts for the warm-up's gate: the first ``n`` validation users, with the teacher's trace."""
     valid = ex.splits["valid"]
@@ -187,7 +181,7 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
                batch_size=profile.batch_size, lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer,
                transform=relabel_transform(tok, ex.fmt, profile.relabel_share, profile.seed + 1,
                                            process_device(profile.device), profile.collide_share))
-    cfg.update(_engine(profile))
+    cfg.update(engine_settings(profile))
     cfg.update(overrides)
     hist = train_supervised(model, train_ds, tok, loss_fn=sft_terms, device=profile.device, seed=profile.seed,
                             desc=f"AR SFT ({variant})", **cfg,

@@ -107,10 +107,15 @@ class BestState:
             model.load_state_dict(self.state)
 
 
+def validation_due(validate, step: int, total: int, every: int) -> bool:
+    """Whether a validation runs after ``step``: every ``every`` steps and at the last, when there is one."""
+    return validate is not None and (step % every == 0 or step == total)
+
+
 def maybe_validate(validate, model, step: int, total: int, every: int, history: dict, keeper: BestState | None):
     """Every ``every`` steps and at the last: score the model (in eval mode), record it, let ``keeper`` keep the
     best."""
-    if validate is None or not (step % every == 0 or step == total):
+    if not validation_due(validate, step, total, every):
         return
     was_training = model.training
     model.eval()
@@ -173,6 +178,13 @@ def compile_options_for(mode: str | None) -> dict | None:
     shapes, inductor's default mode); a mode is added to static shapes (``"reduce-overhead"`` replays each step's
     kernels as CUDA graphs)."""
     return None if mode is None else {"dynamic": False, "mode": mode}
+
+
+def engine_settings(profile) -> dict:
+    """The training-engine keywords of :func:`train_supervised` a profile sets (SFT and CFT alike): gradient
+    accumulation, length buckets, compilation and its mode."""
+    return dict(grad_accum=profile.grad_accum, buckets=profile.length_buckets, compile=profile.compile,
+                compile_options=compile_options_for(profile.compile_mode))
 
 
 def compile_enabled(compile, device, total_steps: int | None = None) -> bool:
@@ -400,7 +412,7 @@ class Trainer:
             if self.steps_done % self.log_every == 0 or self.steps_done == self.total_steps:
                 self.log(history)
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-            if validate is not None and (self.steps_done % every == 0 or self.steps_done == self.total_steps):
+            if validation_due(validate, self.steps_done, self.total_steps, every):    # scored_model syncs buffers
                 maybe_validate(validate, self.scored_model, self.steps_done, self.total_steps, every, history, keeper)
             if stop_at is not None and history["val_step"][-1:] == [self.steps_done] and history["val"][-1] >= stop_at:
                 if self.steps_done % self.log_every:

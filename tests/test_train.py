@@ -362,9 +362,9 @@ def test_compiling_uses_static_shapes_unless_told_otherwise(monkeypatch):
 def test_a_profiles_compile_mode_reaches_torch_compile_in_sft_and_cft(monkeypatch):
     """``compile_mode`` (e.g. "reduce-overhead", CUDA graphs) is added to the static shapes of the SFT and CFT
     losses; None keeps the trainer's default options."""
-    from diffgr2_lite import cft, pipeline
+    from diffgr2_lite import cft
     from diffgr2_lite.config import get_profile
-    from diffgr2_lite.train import compile_options_for
+    from diffgr2_lite.train import compile_options_for, engine_settings
 
     assert compile_options_for(None) is None
     assert compile_options_for("reduce-overhead") == {"dynamic": False, "mode": "reduce-overhead"}
@@ -382,7 +382,7 @@ def test_a_profiles_compile_mode_reaches_torch_compile_in_sft_and_cft(monkeypatc
 
     for mode in (None, "reduce-overhead"):
         P = get_profile("smoke", compile_mode=mode, copy_steps=0)
-        assert pipeline._engine(P)["compile_options"] == compile_options_for(mode)       # what AR SFT is given
+        assert engine_settings(P)["compile_options"] == compile_options_for(mode)        # what AR SFT is given
         cft._fit_cft(P, Ex(), None, [], loss_fn=None, lambda_r=0.5, epochs=1, lr=1e-3, seed=0, desc="cft")
         assert seen["cft"] == compile_options_for(mode)
 
