@@ -135,7 +135,7 @@ def _as_config(cfg, max_new=None) -> BenchConfig:
     return BenchConfig.from_profile(cfg, max_new)
 
 
-def _groups(n_prompts: int, batch: int, n_single: int) -> list[list[int]]:
+def prompt_groups(n_prompts: int, batch: int, n_single: int) -> list[list[int]]:
     """Prompt indices per decode call: batch 1 -> the first ``n_single`` one at a time; else every prompt, in full
     batches. The last batch is filled up cyclically from the first prompts: the decoders have static shapes, so the
     filler rows are decoded (and timed, and their tokens counted) like any other, but each prompt is scored once."""
@@ -244,7 +244,7 @@ def benchmark(model, prompts: torch.Tensor, rows, example_set, cfg, *, max_new: 
                 "scored": m["scored"], "graphs": graphs}
 
     for batch in cfg.batches:
-        groups = _groups(N, batch, cfg.n_single)
+        groups = prompt_groups(N, batch, cfg.n_single)
         ar = ar_cls(ar_model if ar_model is not None else model, batch, P, cfg.max_new, eos_id, graphs=cfg.graphs,
                     check_every=cfg.check_every)
         m = measure_setting(ar.decode, prompts, groups, eos_id, 1, cfg.repeats, cfg.warmup, timer, device, score)

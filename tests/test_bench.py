@@ -209,10 +209,10 @@ def test_no_prompts_is_a_clear_error():
 
 
 def test_groups():
-    assert bench._groups(10, 1, 3) == [[0], [1], [2]]
-    assert bench._groups(10, 4, 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]  # every prompt, the last filled up
-    assert bench._groups(8, 4, 3) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert bench._groups(3, 4, 3) == [[0, 1, 2, 0]]                  # too few prompts: cycled into one batch
+    assert bench.prompt_groups(10, 1, 3) == [[0], [1], [2]]
+    assert bench.prompt_groups(10, 4, 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]  # every prompt, the last filled up
+    assert bench.prompt_groups(8, 4, 3) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert bench.prompt_groups(3, 4, 3) == [[0, 1, 2, 0]]                  # too few prompts: cycled into one batch
 
 
 def test_speedup_vs_length():
