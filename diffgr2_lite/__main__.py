@@ -123,14 +123,18 @@ def results_table(records: dict) -> str:
             "|---|---|---|---|---|---|---|---|")
     tail = ""
     if "speed" in records:
+        from .viz import setting_accuracy, setting_key
+
         s = records["speed"]
+        acc = setting_accuracy(s["rows"])      # each setting's accuracy over the most prompts it was scored on
         tail = ("\n\nSpeed (" + s["device"] + "):\n\n| decoder | batch | B | tau | sub-block | tokens/s | "
-                "tokens/forward | speedup | R@1 | strict R@1 | valid | prompts scored |\n"
+                "tokens/forward | speedup | R@1 | strict R@1 | valid | scored over |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         tail += "\n".join(f"| {r['decoder']} | {r['batch']} | {r['block_size']} | {r['tau']} | "
                           f"{r.get('sub_block') or ''} | {r['tokens_per_s']:.0f} | {r['tokens_per_forward']:.2f} | "
-                          f"{r.get('speedup_vs_ar', 1.0):.2f}x | {r['recall@1']:.4f} | "
-                          f"{_strict(r)} | {r['valid_rate']:.3f} | {r.get('scored', '–')} |" for r in s["rows"])
+                          f"{r.get('speedup_vs_ar', 1.0):.2f}x | {a['recall@1']:.4f} | "
+                          f"{_strict(a)} | {a['valid_rate']:.3f} | {a.get('scored') or '–'} |"
+                          for r, a in ((r, acc[setting_key(r)]) for r in s["rows"]))
     return head + "\n" + "\n".join(rows) + tail
 
 

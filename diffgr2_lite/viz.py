@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .bench import VALID_BAR
+from .metrics import wilson_interval
 
 METRICS = ("recall@1", "recall@3", "ndcg@3", "ndcg@10")
 
@@ -206,6 +207,14 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _valid_with_interval(acc: dict) -> str:
+    """A setting's valid rate with its 95% Wilson interval over the prompts it was scored on (none: the rate alone)."""
+    if not acc.get("scored"):
+        return _pct(acc["valid_rate"])
+    lo, hi = wilson_interval(acc["valid_rate"], acc["scored"])
+    return f"{_pct(acc['valid_rate'])} (95% interval {_pct(lo)}–{_pct(hi)} over {acc['scored']:,} prompts)"
+
+
 def sampler_label(sub_block: int | None) -> str:
     """Which commit order a speed row used, in words: the whole block, or left-to-right sub-blocks of that size."""
     return f"sub-blocks of {sub_block}" if sub_block else "whole block"
@@ -282,13 +291,13 @@ def speed_findings(rows: list[dict], vs_len: list[dict] | None = None, bar: floa
             strict = "" if a["strict_recall@1"] is None else f", strict {a['strict_recall@1']:.3f}"
             out.append(f"**Fastest setting with valid ≥ {_pct(bar)} at batch {b}:** B = {best['block_size']}, "
                        f"{setting_label(best)}, "
-                       f"{best['speedup_vs_ar']:.2f}× AR's tokens/s, valid {_pct(a['valid_rate'])}, R@1 "
+                       f"{best['speedup_vs_ar']:.2f}× AR's tokens/s, valid {_valid_with_interval(a)}, R@1 "
                        f"{a['recall@1']:.3f}{strict}, against AR's R@1 {ar_acc['recall@1']:.3f} "
                        f"(valid {_pct(ar_acc['valid_rate'])}).")
         else:
             most = max(dif, key=lambda r: acc[setting_key(r)]["valid_rate"])
             out.append(f"**No diffusion setting reaches valid ≥ {_pct(bar)} at batch {b}**; the most valid is "
-                       f"{setting_label(most)} at {_pct(acc[setting_key(most)]['valid_rate'])} "
+                       f"{setting_label(most)} at {_valid_with_interval(acc[setting_key(most)])} "
                        f"({most['speedup_vs_ar']:.2f}× AR's tokens/s).")
     goal = f"faster than AR with valid ≥ {_pct(bar)} and at least AR's R@1"
     met = [r for r in rows if r["decoder"] != "ar" and r["batch"] in ar_of and r["speedup_vs_ar"] > 1
@@ -358,17 +367,23 @@ def run_findings(records: dict, source: str = "") -> str:
 
 # ----------------------------------------------------------------------------------------------- speed (notebook 08)
 def speed_table(rows: list[dict]) -> list[dict]:
-    """The speed rows with the columns a reader compares, short headers (the full rows are in speed.json)."""
+    """The speed rows with the columns a reader compares, short headers (the full rows are in speed.json).
+
+    Accuracy (R@1, strict R@1, valid) is the setting's, read from its row that scored the most prompts
+    (:func:`setting_accuracy`), so a batch-1 row, which times only a few prompts, shows the same accuracy as its
+    serving batch; "scored over" says on how many prompts."""
+    acc = setting_accuracy(rows)
     out = []
     for r in rows:
-        s = r.get("strict_recall@1")
+        a = acc[setting_key(r)]
+        s = a["strict_recall@1"]
         out.append({"decoder": r["decoder"], "batch": r["batch"], "B": r["block_size"],
                     "τ": "" if r["tau"] is None else r["tau"], "sub-block": r.get("sub_block") or "",
                     "tokens/s": f"{r['tokens_per_s']:,.0f}",
                     "ms/forward": f"{r['ms_per_forward']:.2f}", "tokens/forward": f"{r['tokens_per_forward']:.2f}",
-                    "speedup": f"{r['speedup_vs_ar']:.2f}×", "R@1": f"{r['recall@1']:.3f}",
-                    "strict R@1": "–" if s is None else f"{s:.3f}", "valid": f"{r['valid_rate']:.3f}",
-                    "prompts scored": r.get("scored", "–")})
+                    "speedup": f"{r['speedup_vs_ar']:.2f}×", "R@1": f"{a['recall@1']:.3f}",
+                    "strict R@1": "–" if s is None else f"{s:.3f}", "valid": f"{a['valid_rate']:.3f}",
+                    "scored over": a["scored"] or "–"})
     return out
 
 

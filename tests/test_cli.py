@@ -42,6 +42,19 @@ def test_results_table_is_generated_from_the_files(tmp_path):
     assert "| B=32, tau=1.0, sub-blocks of 8 |" in table
 
 
+def test_results_tables_speed_rows_carry_each_settings_accuracy_over_every_prompt():
+    def row(batch, scored, valid):
+        return {"decoder": "diffusion", "batch": batch, "block_size": 32, "tau": 0.9, "sub_block": 8,
+                "tokens_per_s": 1000.0, "tokens_per_forward": 2.0, "speedup_vs_ar": 2.5, "recall@1": 0.5,
+                "strict_recall@1": 0.5 * valid, "valid_rate": valid, "scored": scored}
+
+    table = results_table({"retriever": _record(0.25, 1.0),
+                           "speed": {"device": "GPU X", "rows": [row(1, 16, 1.0), row(64, 1741, 0.98)]}})
+    # the batch-1 row timed 16 prompts, all valid; the setting is 98% valid over 1,741: both rows say so
+    assert table.count("| 0.5000 | 0.4900 | 0.980 | 1741 |") == 2 and "| 16 |" not in table
+    assert "scored over |" in table
+
+
 def test_results_table_without_results(tmp_path):
     assert "No results yet" in results_table({})
 

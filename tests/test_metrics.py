@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from diffgr2_lite.metrics import METRIC_KEYS, paired_bootstrap, per_example, score_parses, target_ranks
+from diffgr2_lite.metrics import METRIC_KEYS, paired_bootstrap, per_example, score_parses, target_ranks, wilson_interval
 from diffgr2_lite.text import ParsedRanking
 
 
@@ -137,3 +137,16 @@ def test_paired_bootstrap_deterministic_by_seed():
 def test_paired_bootstrap_bad_shapes(a, b):
     with pytest.raises(ValueError):
         paired_bootstrap(a, b)
+
+
+def test_wilson_interval_on_hand_computed_cases():
+    # 5 of 10: centre 0.5, half-width z / (1 + z^2/n) * sqrt(0.025 + z^2/400) = 0.26341
+    assert wilson_interval(0.5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    # every case valid: the upper end is 1 and the lower end n / (n + z^2), not a zero-width interval
+    assert wilson_interval(1.0, 16) == pytest.approx((16 / (16 + 1.96 ** 2), 1.0))
+    assert wilson_interval(0.0, 5) == pytest.approx((0.0, 1.96 ** 2 / (5 + 1.96 ** 2)))
+    lo, hi = wilson_interval(0.99, 1741)              # the 99% bar on the test users: about half a point each way
+    assert 0.984 < lo < 0.985 and 0.993 < hi < 0.994
+    for bad in ((0.5, 0), (1.5, 10), (-0.1, 10)):
+        with pytest.raises(ValueError, match="wilson_interval needs"):
+            wilson_interval(*bad)

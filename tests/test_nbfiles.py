@@ -289,7 +289,8 @@ def test_speed_findings_read_each_settings_accuracy_from_its_widest_row_and_appl
     assert "measured on the 1,741 prompts" in text and "the first 16 of them" in text
     # at batch 1 the 16 timed prompts are all valid at tau 0.6, but over every user it is 95%: below the bar
     assert "**Fastest setting with valid ≥ 99.0% at batch 1:** B = 32, τ 1.0, sub-blocks of 8, 0.90× AR's" in text
-    assert "valid 99.3%, R@1 0.370, strict 0.367, against AR's R@1 0.370 (valid 98.7%)" in text
+    assert ("valid 99.3% (95% interval 98.8%–99.6% over 1,741 prompts), R@1 0.370, strict 0.367, against AR's R@1 "
+            "0.370 (valid 98.7%)") in text
     assert "at batch 64:** B = 32, τ 1.0, sub-blocks of 8" not in text             # the slower valid one
     assert "at batch 64:** B = 32, τ 1.0, 0.60× AR's tokens/s" in text            # the faster of the two valid ones
     assert "**is not met**" in text                                                # none valid enough is faster
@@ -303,7 +304,14 @@ def test_speed_findings_read_each_settings_accuracy_from_its_widest_row_and_appl
     only_serving = " ".join(speed_findings([r for r in rows if r["batch"] == 64]))
     assert "measured on the 1,741 prompts its serving-batch rows decode." in only_serving and "batch-1" not in only_serving
     assert "No diffusion setting reaches valid ≥ 99.5% at batch 64**; the most valid is τ 1.0, sub-blocks of 8 at " \
-           "99.3%" in " ".join(speed_findings(rows, bar=0.995))
+           "99.3% (95% interval" in " ".join(speed_findings(rows, bar=0.995))
+    from diffgr2_lite.viz import speed_table
+
+    # the table shows each setting's accuracy over every prompt, on its batch-1 row too (scored there: 16 prompts)
+    table = {(r["batch"], r["τ"], r["sub-block"]): r for r in speed_table(rows)}
+    assert table[(1, 0.6, "")]["valid"] == "0.950" and table[(1, 0.6, "")]["scored over"] == 1741
+    assert table[(1, "", "")]["valid"] == "0.987" and table[(64, 1.0, 8)]["R@1"] == "0.370"
+    assert speed_table(old)[2]["scored over"] == "–"                   # an older file without "scored"
 
 
 def test_scrubber_reads_as_text_where_it_cannot_render():
