@@ -114,7 +114,7 @@ def results_table(records: dict) -> str:
         if r.get("sub_block"):                   # the chunks the sampler committed in (none: the whole block)
             tau += f", sub-blocks of {r['sub_block']}"
         rows.append(f"| {names[stage]} | {m['recall@1']:.4f} | {m['recall@3']:.4f} | {m['ndcg@3']:.4f} | "
-                    f"{ms['recall@1']:.4f} | {m['valid_rate']:.3f} | {ci_s} | {tau} |")
+                    f"{ms['recall@1']:.4f} | {m['valid_rate']:.4f} | {ci_s} | {tau} |")
     if not rows:
         return "_No results yet: run the full profile on a GPU, then `make results`._"
     head = (f"Test users: {meta['n_eval']} ({meta['dataset']}, profile `{meta['profile']}`, device {meta['device']}, "
@@ -133,7 +133,7 @@ def results_table(records: dict) -> str:
         tail += "\n".join(f"| {r['decoder']} | {r['batch']} | {r['block_size']} | {r['tau']} | "
                           f"{r.get('sub_block') or ''} | {r['tokens_per_s']:.0f} | {r['tokens_per_forward']:.2f} | "
                           f"{r.get('speedup_vs_ar', 1.0):.2f}x | {a['recall@1']:.4f} | "
-                          f"{_strict(a)} | {a['valid_rate']:.3f} | {a.get('scored') or '–'} |"
+                          f"{_strict(a)} | {a['valid_rate']:.4f} | {a.get('scored') or '–'} |"
                           for r, a in ((r, acc[setting_key(r)]) for r in s["rows"]))
     return head + "\n" + "\n".join(rows) + tail
 

@@ -207,12 +207,17 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _valid(x: float) -> str:
+    """A valid rate, to a hundredth of a point: near the 99% bar one decimal would print 98.97% and 99.02% alike."""
+    return f"{100 * x:.2f}%"
+
+
 def _valid_with_interval(acc: dict) -> str:
     """A setting's valid rate with its 95% Wilson interval over the prompts it was scored on (none: the rate alone)."""
     if not acc.get("scored"):
-        return _pct(acc["valid_rate"])
+        return _valid(acc["valid_rate"])
     lo, hi = wilson_interval(acc["valid_rate"], acc["scored"])
-    return f"{_pct(acc['valid_rate'])} (95% interval {_pct(lo)}–{_pct(hi)} over {acc['scored']:,} prompts)"
+    return f"{_valid(acc['valid_rate'])} (95% interval {_pct(lo)}–{_pct(hi)} over {acc['scored']:,} prompts)"
 
 
 def sampler_label(sub_block: int | None) -> str:
@@ -269,12 +274,12 @@ def speed_findings(rows: list[dict], vs_len: list[dict] | None = None, bar: floa
         groups = []
         for size, sub in dict.fromkeys((r["block_size"], r.get("sub_block") or 0) for r in dif):
             name = (f"B = {size}, " if len(sizes) > 1 else "") + sampler_label(sub)
-            each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at τ {r['tau']} (valid {_pct(acc[setting_key(r)]['valid_rate'])})"
+            each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at τ {r['tau']} (valid {_valid(acc[setting_key(r)]['valid_rate'])})"
                              for r in dif if (r["block_size"], r.get("sub_block") or 0) == (size, sub))
             groups.append(f"{name}: {each}")
         which = f"B = {sizes[0]}" if len(sizes) == 1 else "B = " + ", ".join(map(str, sizes))
         out.append(f"**Batch {b}.** AR: {ar['tokens_per_s']:,.0f} tokens/s, {ar['ms_per_forward']:.2f} ms per forward, "
-                   f"valid {_pct(acc[setting_key(ar)]['valid_rate'])}. Block diffusion ({which}) against AR's "
+                   f"valid {_valid(acc[setting_key(ar)]['valid_rate'])}. Block diffusion ({which}) against AR's "
                    f"tokens/s, {'; '.join(groups)}. It commits {min(r['tokens_per_forward'] for r in dif):.2f}–"
                    f"{max(r['tokens_per_forward'] for r in dif):.2f} tokens per forward at "
                    f"{min(r['ms_per_forward'] for r in dif):.2f}–{max(r['ms_per_forward'] for r in dif):.2f} ms per "
@@ -293,7 +298,7 @@ def speed_findings(rows: list[dict], vs_len: list[dict] | None = None, bar: floa
                        f"{setting_label(best)}, "
                        f"{best['speedup_vs_ar']:.2f}× AR's tokens/s, valid {_valid_with_interval(a)}, R@1 "
                        f"{a['recall@1']:.3f}{strict}, against AR's R@1 {ar_acc['recall@1']:.3f} "
-                       f"(valid {_pct(ar_acc['valid_rate'])}).")
+                       f"(valid {_valid(ar_acc['valid_rate'])}).")
         else:
             most = max(dif, key=lambda r: acc[setting_key(r)]["valid_rate"])
             out.append(f"**No diffusion setting reaches valid ≥ {_pct(bar)} at batch {b}**; the most valid is "
@@ -341,7 +346,7 @@ def run_findings(records: dict, source: str = "") -> str:
 
     bullets = []
     if r1("ar") is not None:
-        parts = [f"AR GR2 scores R@1 {r1('ar'):.3f} with free decoding (valid {_pct(valid('ar'))})"]
+        parts = [f"AR GR2 scores R@1 {r1('ar'):.3f} with free decoding (valid {_valid(valid('ar'))})"]
         if r1("ar_constrained") is not None:
             parts.append(f"{r1('ar_constrained'):.3f} with constrained decoding")
         base = [f"{name} {r1(s):.3f}" for s, name in (("retriever", "the retriever's order"), ("teacher", "the teacher"),
@@ -351,7 +356,7 @@ def run_findings(records: dict, source: str = "") -> str:
              if r1(s) is not None]
     if chain:
         bullets.append("**Conversion.** Rankings written valid by the block-diffusion model: "
-                       + ", then ".join(f"{name} {_pct(valid(s))}" for s, name in chain)
+                       + ", then ".join(f"{name} {_valid(valid(s))}" for s, name in chain)
                        + f" (τ {records[chain[0][0]].get('tau')}). R@1 (an invalid answer falls back to the retriever's "
                        "order): " + ", ".join(f"{r1(s):.3f}" for s, _ in chain) + "; strict R@1 (invalid = miss): "
                        + ", ".join(f"{records[s]['metrics_strict']['recall@1']:.3f}" for s, _ in chain) + ".")

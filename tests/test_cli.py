@@ -51,7 +51,7 @@ def test_results_tables_speed_rows_carry_each_settings_accuracy_over_every_promp
     table = results_table({"retriever": _record(0.25, 1.0),
                            "speed": {"device": "GPU X", "rows": [row(1, 16, 1.0), row(64, 1741, 0.98)]}})
     # the batch-1 row timed 16 prompts, all valid; the setting is 98% valid over 1,741: both rows say so
-    assert table.count("| 0.5000 | 0.4900 | 0.980 | 1741 |") == 2 and "| 16 |" not in table
+    assert table.count("| 0.5000 | 0.4900 | 0.9800 | 1741 |") == 2 and "| 16 |" not in table
     assert "scored over |" in table
 
 

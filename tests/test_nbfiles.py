@@ -246,19 +246,19 @@ def test_findings_are_read_from_records():
              "valid_rate": 1.0}]
     text = run_findings({"retriever": rec("retriever", 0.3, 1.0), "ar": rec("ar", 0.375, 0.5),
                          "naive": rec("naive", 0.3, 0.0, tau=1.0), "speed": {"device": "GPU", "rows": rows}})
-    assert "R@1 0.375" in text and "0.300" in text and "naive conversion 0.0%" in text
-    assert "whole block: 2.50× at τ 0.9 (valid 100.0%)" in text and "**is met**" in text
+    assert "R@1 0.375" in text and "0.300" in text and "naive conversion 0.00%" in text
+    assert "whole block: 2.50× at τ 0.9 (valid 100.00%)" in text and "**is met**" in text
     assert "Not measured yet: teacher" in text and "\n  * **Batch 1.**" in text      # speed: one sub-bullet per batch
     rows[1]["valid_rate"] = 0.9
     assert "**is not met**" in " ".join(speed_findings(rows))
     rows.append({**rows[1], "sub_block": 8, "valid_rate": 1.0, "speedup_vs_ar": 1.5})
     text = " ".join(speed_findings(rows))
-    assert "whole block: 2.50× at τ 0.9 (valid 90.0%); sub-blocks of 8: 1.50× at τ 0.9 (valid 100.0%)" in text
+    assert "whole block: 2.50× at τ 0.9 (valid 90.00%); sub-blocks of 8: 1.50× at τ 0.9 (valid 100.00%)" in text
     assert "**is met**" in text
     assert "1.50× at batch 1, τ 0.9, sub-blocks of 8." in text
     rows.append({**rows[1], "block_size": 8, "sub_block": None, "speedup_vs_ar": 1.2, "valid_rate": 0.5})
     text = " ".join(speed_findings(rows))
-    assert "Block diffusion (B = 8, 32)" in text and "B = 8, whole block: 1.20× at τ 0.9 (valid 50.0%)" in text
+    assert "Block diffusion (B = 8, 32)" in text and "B = 8, whole block: 1.20× at τ 0.9 (valid 50.00%)" in text
     assert "B = 32, sub-blocks of 8: 1.50×" in text
     assert "**is met**" in " ".join(speed_findings(rows + [{**rows[1], "batch": 4}])) # no AR row at batch 4: no error
     rows.pop()
@@ -289,8 +289,8 @@ def test_speed_findings_read_each_settings_accuracy_from_its_widest_row_and_appl
     assert "measured on the 1,741 prompts" in text and "the first 16 of them" in text
     # at batch 1 the 16 timed prompts are all valid at tau 0.6, but over every user it is 95%: below the bar
     assert "**Fastest setting with valid ≥ 99.0% at batch 1:** B = 32, τ 1.0, sub-blocks of 8, 0.90× AR's" in text
-    assert ("valid 99.3% (95% interval 98.8%–99.6% over 1,741 prompts), R@1 0.370, strict 0.367, against AR's R@1 "
-            "0.370 (valid 98.7%)") in text
+    assert ("valid 99.30% (95% interval 98.8%–99.6% over 1,741 prompts), R@1 0.370, strict 0.367, against AR's R@1 "
+            "0.370 (valid 98.70%)") in text
     assert "at batch 64:** B = 32, τ 1.0, sub-blocks of 8" not in text             # the slower valid one
     assert "at batch 64:** B = 32, τ 1.0, 0.60× AR's tokens/s" in text            # the faster of the two valid ones
     assert "**is not met**" in text                                                # none valid enough is faster
@@ -304,7 +304,7 @@ def test_speed_findings_read_each_settings_accuracy_from_its_widest_row_and_appl
     only_serving = " ".join(speed_findings([r for r in rows if r["batch"] == 64]))
     assert "measured on the 1,741 prompts its serving-batch rows decode." in only_serving and "batch-1" not in only_serving
     assert "No diffusion setting reaches valid ≥ 99.5% at batch 64**; the most valid is τ 1.0, sub-blocks of 8 at " \
-           "99.3% (95% interval" in " ".join(speed_findings(rows, bar=0.995))
+           "99.30% (95% interval" in " ".join(speed_findings(rows, bar=0.995))
     from diffgr2_lite.viz import speed_table
 
     # the table shows each setting's accuracy over every prompt, on its batch-1 row too (scored there: 16 prompts)
