@@ -63,7 +63,8 @@ def _fit_cft(profile: Profile, ex, model, rows, *, loss_fn, lambda_r: float, epo
 def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: float | None = None, **kw):
     """Conversion fine-tuning from a copy of the AR weights. ``variant``: cft | plain | answer_aware.
 
-    ``kw`` may override ``lr``. Returns (model, history)."""
+    ``kw`` may override ``lr`` and ``val_users`` (how many validation users choose the kept epoch; 128).
+    Returns (model, history)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown CFT variant {variant!r}; valid: {', '.join(VARIANTS)}")
     s = VARIANTS[variant]
@@ -72,7 +73,7 @@ def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: floa
     hist = _fit_cft(profile, ex, model, ex.training_rows(),
                     loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
                     lambda_r=lambda_r, epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr),
-                    seed=profile.seed, desc=f"CFT ({variant})", validate=diffusion_validate(profile, ex, n=128),
+                    seed=profile.seed, desc=f"CFT ({variant})", validate=diffusion_validate(profile, ex, n=kw.get("val_users", 128)),
                     schedule=profile.cft_schedule)
     return model, hist
 

@@ -250,7 +250,8 @@ class Trainer:
         self.ema = ema
         self.averaged = None                 # the weight average (a copy of the model), when ema > 0
         self.ema_decay = 0.0                 # the decay of the latest update
-        self.last_step_state = None          # with ema, after fit: the last step's own weights (to compare)
+        self.last_step_state = None          # after fit with ema or a kept best state: the last step's own
+                                             # weights, to compare the kept model with
         if ema:
             import copy
 
@@ -386,7 +387,8 @@ class Trainer:
         ``keep_best`` the best-scoring weights are restored at the end (``ties_to_later``: a tie goes to the later).
         ``stop_at``: stop early, as soon as a validation score reaches it (a gate, e.g. the copy warm-up's).
         With ``ema`` the scored and kept weights are the average (:attr:`scored_model`), and the model ends holding
-        it (or its best-scoring state).
+        it (or its best-scoring state). With ``ema`` or a kept best state, :attr:`last_step_state` holds the last
+        step's own weights (for a paired comparison of the kept model with the last step).
         Returns the history: ``step`` and ``loss`` (mean over each logging window) and any extras, ``val_step``,
         ``val``, ``best_val``, ``steps`` (taken), ``seconds``, ``processes`` and ``global_batch_rows`` (when known).
         """
@@ -395,6 +397,7 @@ class Trainer:
                              f"{self.grad_accum}: build both with the same value")
         history = {"step": [], "loss": [], "val_step": [], "val": []}
         keeper = BestState(ties_to_later) if keep_best else None
+        self.last_step_state = None
         validate = self.on_main(validate)
         every = validate_every or self.total_steps
         it = iter(batches)
@@ -423,6 +426,8 @@ class Trainer:
             self.last_step_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(self.scored_model.state_dict())
         if keeper is not None:
+            if self.last_step_state is None and keeper.state is not None:
+                self.last_step_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             keeper.restore(self.model)
         self.model.eval()
         history.update(best_val=max(history["val"]) if history["val"] else None, steps=self.steps_done,

@@ -233,6 +233,11 @@ def test_weight_average_is_the_warmed_up_ema_of_the_steps_and_is_what_fit_valida
         torch.testing.assert_close(last_trainer.last_step_state[k], steps[-1][k])   # kept to compare with
     assert any((averages[-1][k] - steps[-1][k]).abs().max() > 1e-3 for k in steps[-1])   # which is not the last step
     assert hist_last["ema_last_decay"] == 0.3 and hist_last["loss"] == hist_plain["loss"]
+    best, best_trainer, _, _, _ = train(0.0, scores=[3.0, 1.0, 2.0], every=4)    # no average: the best is step 4's
+    for k in steps[-1]:
+        torch.testing.assert_close(best.state_dict()[k], steps[3][k])
+        torch.testing.assert_close(best_trainer.last_step_state[k], steps[-1][k])  # the last step, to compare
+    assert train(0.0, scores=None)[1].last_step_state is None           # nothing kept: the model is the last step
     model, trainer, hist, steps_ema, scored = train(0.3, scores=[3.0, 1.0, 2.0], every=4)
     for k in steps[-1]:
         torch.testing.assert_close(steps_ema[-1][k], steps[-1][k])         # training itself is unchanged
@@ -401,7 +406,8 @@ def test_the_cft_schedule_of_a_profile_reaches_the_trainer(monkeypatch):
 
     monkeypatch.setattr(cft, "train_supervised", fake_train_supervised)
     monkeypatch.setattr(cft, "relabel_transform", lambda *a, **k: None)
-    monkeypatch.setattr(cft, "diffusion_validate", lambda *a, **k: None)
+    val_users = []
+    monkeypatch.setattr(cft, "diffusion_validate", lambda *a, **k: val_users.append(k["n"]))
     monkeypatch.setattr(cft, "cft_loss_fn", lambda *a, **k: None)
 
     class Ex:
@@ -416,6 +422,8 @@ def test_the_cft_schedule_of_a_profile_reaches_the_trainer(monkeypatch):
         cft.train_cft(P, Ex(), model)
         cft.continue_cft(P, Ex(), model, steps=2)
         assert seen == {"CFT (cft)": schedule, "CFT (continued, off-policy control)": "cosine"}
+    cft.train_cft(P, Ex(), model, val_users=1000)        # how many validation users choose the kept epoch
+    assert val_users == [128, 128, 1000]
 
 
 def test_auto_compiles_only_long_runs_on_cuda():

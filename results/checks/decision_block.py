@@ -22,6 +22,8 @@ Environment:
   caveat), and ``ar`` then also decodes the same run's last step: a paired comparison. The trainer's warm-up caps
   the decay at (1 + t) / (10 + t), 0.9975 at the end of the full profile's 3,536 steps, so larger values change
   nothing; 0.995 averages over roughly the last 200 steps;
+* ``CFT_VAL_N=1000`` chooses CFT's kept epoch on that many validation users (default 128), and ``ALSO_LAST=1``
+  also decodes the CFT run's last step (sub-blocks of 8; a paired comparison with the kept epoch);
 * ``COMPILE=1`` compiles training with static shapes; ``COMPILE_MODE=reduce-overhead`` sets the profile's
   ``compile_mode`` (CUDA graphs in SFT and CFT);
 * ``SPLIT=test`` scores every test user instead of validation users 256..1255; ``ALSO_VALID=1`` also scores the CFT
@@ -92,8 +94,8 @@ def record(name, scored):
     dump()                        # partial results survive a time limit
 
 
-last_step = []                                  # AR_EMA: the same run's last step without the average
-if mode == "ar" and P.ar_ema:
+last_step = []                 # AR_EMA / ALSO_LAST: the same run's last step (without the average, or not the best)
+if (mode == "ar" and P.ar_ema) or os.environ.get("ALSO_LAST"):
     from diffgr2_lite.train import Trainer
 
     _fit = Trainer.fit
@@ -122,8 +124,9 @@ else:
     Pc = validate_profile(replace(P, cft_epochs=epochs, cft_lr=float(os.environ.get("LR", P.cft_lr)),
                                   cft_schedule=os.environ.get("CFT_SCHEDULE", P.cft_schedule),
                                   seed=int(os.environ.get("CFT_SEED", P.seed))))
-    cft_model, h = cft_mod.train_cft(Pc, ex, model, "cft")
-    res["cft_train"] = {"epochs": epochs, "lr": Pc.cft_lr, "schedule": Pc.cft_schedule, "seed": Pc.seed, "steps": h["steps"],
+    cft_model, h = cft_mod.train_cft(Pc, ex, model, "cft", val_users=int(os.environ.get("CFT_VAL_N", 128)))
+    res["cft_train"] = {"epochs": epochs, "lr": Pc.cft_lr, "schedule": Pc.cft_schedule, "seed": Pc.seed,
+                        "val_users": int(os.environ.get("CFT_VAL_N", 128)), "steps": h["steps"],
                         "seconds": h["seconds"], "loss_last": h["loss"][-1], "val": h.get("val")}
     # tau 1.01: exactly one token per step (at tau 1.0, float32 probabilities that round to 1.0 commit together;
     # Fast-dLLM v2's reference decoder compares strictly, conf > tau, which at tau 1.0 is one token per step)
@@ -136,6 +139,13 @@ else:
             continue
         record(name, evaluate(diffusion_decoder(cft_model, ex, Pc, tau, sub_block=sub), rows_ds, ex, P.eval_batch,
                               P.device))
+    if os.environ.get("ALSO_LAST") and last_step and last_step[-1] is not None:     # the kept epoch vs the last
+        import copy
+
+        last = copy.deepcopy(cft_model)
+        last.load_state_dict(last_step[-1])
+        record("sub8_last_step", evaluate(diffusion_decoder(last, ex, Pc, 1.0, sub_block=8), rows_ds, ex,
+                                          P.eval_batch, P.device))
     if os.environ.get("ALSO_VALID"):         # the same model on validation users 256..1255 (whole block and sub-8)
         valid = ex.splits["valid"]
         rows_ds = valid.select(range(256, min(1256, len(valid))))
