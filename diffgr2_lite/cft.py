@@ -56,14 +56,16 @@ def _fit_cft(profile: Profile, ex, model, rows, *, loss_fn, lambda_r: float, epo
                             transform=relabel_transform(ex.tokenizer, ex.fmt, profile.relabel_share, profile.seed + 2,
                                                         process_device(profile.device), profile.collide_share),
                             epochs=epochs, lr=lr, schedule=schedule, batch_size=profile.batch_size,
-                            **engine_settings(profile), lambda_r=lambda_r, lambda_o=profile.lambda_answer, device=profile.device,
-                            seed=seed, multiple_of=profile.block_size, desc=desc, validate=validate)
+                            **engine_settings(profile), lambda_r=lambda_r, lambda_o=profile.lambda_answer,
+                            device=profile.device, seed=seed, multiple_of=profile.block_size, desc=desc,
+                            validate=validate)
 
 
-def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: float | None = None, **kw):
+def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: float | None = None,
+              lr: float | None = None, val_users: int = 128):
     """Conversion fine-tuning from a copy of the AR weights. ``variant``: cft | plain | answer_aware.
 
-    ``kw`` may override ``lr`` and ``val_users`` (how many validation users choose the kept epoch; 128).
+    ``epochs`` and ``lr`` default to the profile's; ``val_users`` validation users choose the kept epoch.
     Returns (model, history)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown CFT variant {variant!r}; valid: {', '.join(VARIANTS)}")
@@ -72,8 +74,8 @@ def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: floa
     lambda_r = profile.lambda_answer if s["answer_weighted_reasoning"] else profile.lambda_reasoning
     hist = _fit_cft(profile, ex, model, ex.training_rows(),
                     loss_fn=cft_loss_fn(profile, ex, s["answer_mask_prob"], s["complementary"]),
-                    lambda_r=lambda_r, epochs=epochs or profile.cft_epochs, lr=kw.get("lr", profile.cft_lr),
-                    seed=profile.seed, desc=f"CFT ({variant})", validate=diffusion_validate(profile, ex, n=kw.get("val_users", 128)),
+                    lambda_r=lambda_r, epochs=epochs or profile.cft_epochs, lr=lr or profile.cft_lr,
+                    seed=profile.seed, desc=f"CFT ({variant})", validate=diffusion_validate(profile, ex, n=val_users),
                     schedule=profile.cft_schedule)
     return model, hist
 

@@ -274,7 +274,8 @@ def speed_findings(rows: list[dict], vs_len: list[dict] | None = None, bar: floa
         groups = []
         for size, sub in dict.fromkeys((r["block_size"], r.get("sub_block") or 0) for r in dif):
             name = (f"B = {size}, " if len(sizes) > 1 else "") + sampler_label(sub)
-            each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at τ {r['tau']} (valid {_valid(acc[setting_key(r)]['valid_rate'])})"
+            each = ", ".join(f"{r['speedup_vs_ar']:.2f}× at τ {r['tau']} "
+                             f"(valid {_valid(acc[setting_key(r)]['valid_rate'])})"
                              for r in dif if (r["block_size"], r.get("sub_block") or 0) == (size, sub))
             groups.append(f"{name}: {each}")
         which = f"B = {sizes[0]}" if len(sizes) == 1 else "B = " + ", ".join(map(str, sizes))
