@@ -62,6 +62,8 @@ class Profile:
     copy_relabel: float = 1.0         # warm-up rows whose SID codes are relabelled (1: all; 0 only to measure why)
     relabel_share: float = 0.25       # SFT and CFT rows whose SID codes are relabelled (kept copying, not recalling)
     collide_share: float = 0.25       # further rows relabelled so that SID prefixes collide (copy by label, not prefix)
+    rank_drill_share: float = 0.0     # SFT rows whose check is drawn at random and ranks recounted (rank_drill);
+    #                                   0.25 measured: results/checks/2026-12-01-h200-rank-drill.json
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
     ar_schedule: str = "cosine"       # of the SFT learning rate: one of SCHEDULE_NAMES
@@ -216,7 +218,8 @@ FIELD_RANGES = {
     "teacher_tries": AT_LEAST_1, "teacher_temperature": POSITIVE,
     "model.hidden": AT_LEAST_1, "model.layers": AT_LEAST_1, "model.heads": AT_LEAST_1, "model.intermediate": AT_LEAST_1,
     "copy_batch": AT_LEAST_1, "copy_lr": POSITIVE, "copy_gate": FRACTION, "copy_check_every": AT_LEAST_1,
-    "relabel_share": FRACTION, "collide_share": FRACTION, "copy_relabel": FRACTION, "grad_accum": AT_LEAST_1,
+    "relabel_share": FRACTION, "collide_share": FRACTION, "rank_drill_share": FRACTION, "copy_relabel": FRACTION,
+    "grad_accum": AT_LEAST_1,
     "length_buckets": AT_LEAST_1,
     "ar_epochs": POSITIVE, "ar_lr": POSITIVE, "ar_ema": Range(0, 1, open_high=True), "batch_size": AT_LEAST_1,
     "eval_batch": AT_LEAST_1,
@@ -251,6 +254,9 @@ def validate_profile(profile: Profile) -> Profile:
     if profile.relabel_share + profile.collide_share > 1:
         raise ConfigError(f"profile fields relabel_share={profile.relabel_share} and collide_share="
                           f"{profile.collide_share} are shares of the same rows: their sum must be at most 1")
+    if profile.rank_drill_share > 0 and not profile.trace_ranks:
+        raise ConfigError(f"profile field rank_drill_share={profile.rank_drill_share} drills the trace's ranks, "
+                          "but trace_ranks is off: set trace_ranks=True or rank_drill_share=0")
     return profile
 
 

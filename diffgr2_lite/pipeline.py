@@ -23,12 +23,13 @@ from .batches import tokenize_split
 # re-exported (notebooks call them as pl.*): train_cft, continue_cft (05, 06), ar_max_new (08), model_fingerprint
 from .cft import continue_cft, train_cft  # noqa: F401
 from .config import Profile
-from .copy_warmup import relabel_transform, train_warmup
+from .copy_warmup import train_warmup
+from .rank_drill import augmentations
 from .decoders import (ar_decoder, ar_max_new, diffusion_decoder, diffusion_validate, effective_sub_block,
                        validation_score)
 from .evaluate import bootstrap_vs, cached_evaluation, evaluate, fixed_rankings, model_fingerprint  # noqa: F401
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
-from .train import distributed, end_distributed, engine_settings, process_device, train_supervised
+from .train import distributed, end_distributed, engine_settings, train_supervised
 
 STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained",
           "cft", "opd", "rl", "speed")
@@ -179,8 +180,7 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     max_new = decode_budget(train_ds)
     cfg = dict(epochs=profile.ar_epochs, lr=profile.ar_lr, schedule=profile.ar_schedule, ema=profile.ar_ema,
                batch_size=profile.batch_size, lambda_r=profile.lambda_reasoning, lambda_o=profile.lambda_answer,
-               transform=relabel_transform(tok, ex.fmt, profile.relabel_share, profile.seed + 1,
-                                           process_device(profile.device), profile.collide_share))
+               transform=augmentations(profile, ex, profile.seed + 1, drill=variant == "reasoning"))
     cfg.update(engine_settings(profile))
     cfg.update(overrides)
     hist = train_supervised(model, train_ds, tok, loss_fn=sft_terms, device=profile.device, seed=profile.seed,

@@ -380,7 +380,7 @@ def test_a_profiles_compile_mode_reaches_torch_compile_in_sft_and_cft(monkeypatc
         return {}
 
     monkeypatch.setattr(cft, "train_supervised", fake_train_supervised)
-    monkeypatch.setattr(cft, "relabel_transform", lambda *a, **k: None)
+    monkeypatch.setattr(cft, "augmentations", lambda *a, **k: None)
 
     class Ex:                                     # what the two training entry points read before training
         tokenizer, fmt = StubTokenizer(), None
@@ -405,7 +405,7 @@ def test_the_cft_schedule_of_a_profile_reaches_the_trainer(monkeypatch):
         return {}
 
     monkeypatch.setattr(cft, "train_supervised", fake_train_supervised)
-    monkeypatch.setattr(cft, "relabel_transform", lambda *a, **k: None)
+    monkeypatch.setattr(cft, "augmentations", lambda *a, **k: None)
     val_users = []
     monkeypatch.setattr(cft, "diffusion_validate", lambda *a, **k: val_users.append(k["n"]))
     monkeypatch.setattr(cft, "cft_loss_fn", lambda *a, **k: None)

@@ -24,6 +24,8 @@ Environment:
   nothing; 0.995 averages over roughly the last 200 steps;
 * ``CFT_VAL_N=1000`` chooses CFT's kept epoch on that many validation users (default 128), and ``ALSO_LAST=1``
   also decodes the CFT run's last step (sub-blocks of 8; a paired comparison with the kept epoch);
+* ``DRILL=0.25`` drills the ranks on that share of SFT rows (``rank_drill_share``; same caveat as ``AR_EPOCHS``);
+  ``DRILL=0`` turns the drill off;
 * ``COMPILE=1`` compiles training with static shapes; ``COMPILE_MODE=reduce-overhead`` sets the profile's
   ``compile_mode`` (CUDA graphs in SFT and CFT);
 * ``SPLIT=test`` scores every test user instead of validation users 256..1255; ``ALSO_VALID=1`` also scores the CFT
@@ -59,9 +61,11 @@ if mode == "data":
     sys.exit(0)
 P = validate_profile(replace(P, seed=int(os.environ.get("SEED", P.seed)),      # the training seed (same data)
                               ar_epochs=float(os.environ.get("AR_EPOCHS", P.ar_epochs)),
-                              ar_ema=float(os.environ.get("AR_EMA", P.ar_ema))))
+                              ar_ema=float(os.environ.get("AR_EMA", P.ar_ema)),
+                              rank_drill_share=float(os.environ.get("DRILL", P.rank_drill_share))))
 words = ex.splits["valid"][0]["completion"].split()
 res = {"mode": mode, "seed": P.seed, "ar_epochs": P.ar_epochs, "ar_ema": P.ar_ema, "compile": P.compile,
+       "rank_drill_share": P.rank_drill_share,
        "compile_mode": P.compile_mode,
        "align_decision": P.align_decision,
        "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu",
