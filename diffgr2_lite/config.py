@@ -62,8 +62,7 @@ class Profile:
     copy_relabel: float = 1.0         # warm-up rows whose SID codes are relabelled (1: all; 0 only to measure why)
     relabel_share: float = 0.25       # SFT and CFT rows whose SID codes are relabelled (kept copying, not recalling)
     collide_share: float = 0.25       # further rows relabelled so that SID prefixes collide (copy by label, not prefix)
-    rank_drill_share: float = 0.0     # SFT rows whose check is drawn at random and ranks recounted (rank_drill);
-    #                                   0.25 measured: results/checks/2026-12-01-h200-rank-drill.json
+    rank_drill_share: float = 0.25    # SFT rows whose check is drawn at random and ranks recounted (rank_drill)
     ar_epochs: float = 1.0
     ar_lr: float = 1e-3
     ar_schedule: str = "cosine"       # of the SFT learning rate: one of SCHEDULE_NAMES

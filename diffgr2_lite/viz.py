@@ -36,7 +36,7 @@ def results_rows(systems: dict) -> list[dict]:
         rec = res["record"]
         m, ms = rec["metrics"], rec["metrics_strict"]
         row = {"system": name, "n": rec["n_eval"], **{k: f"{m[k]:.4f}" for k in METRICS},
-               "strict R@1": f"{ms['recall@1']:.4f}", "valid": f"{m['valid_rate']:.3f}"}
+               "strict R@1": f"{ms['recall@1']:.4f}", "valid": f"{m['valid_rate']:.4f}"}
         if "tau" in rec:
             row["B / tau"] = f"{rec['block_size']} / {rec['tau']}" + (f" / sub {rec['sub_block']}"
                                                                          if rec.get("sub_block") else "")
