@@ -23,7 +23,7 @@ from .config import PROFILES, ConfigError, get_profile
 
 NOTEBOOK_DIR = art.REPO / "notebooks"
 RESULT_STAGES = ("retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained", "cft",
-                 "opd", "rl")
+                 "cft_whole", "cft_sub4", "opd", "rl")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -100,7 +100,8 @@ def results_table(records: dict) -> str:
     names = {"retriever": "retriever order (floor)", "teacher": "programmatic teacher", "ar_direct": "AR, no reasoning",
              "ar": "AR GR2 (free decoding)", "ar_constrained": "AR GR2 (constrained decoding)",
              "naive": "naive conversion", "naive_constrained": "naive + external assignment",
-             "cft": "+ CFT", "opd": "+ CFT + OPD", "rl": "+ CFT + OPD + RL"}
+             "cft": "+ CFT", "cft_whole": "+ CFT, whole block", "cft_sub4": "+ CFT, sub-blocks of 4",
+             "opd": "+ CFT + OPD", "rl": "+ CFT + OPD + RL"}
     for stage in RESULT_STAGES:
         if stage not in records:
             continue
