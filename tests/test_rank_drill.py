@@ -70,7 +70,7 @@ def test_layout_is_read_off_a_trace_and_refuses_anything_else(ex):
 def test_drilled_rows_rank_their_drawn_check_as_the_teacher_does(ex):
     b = _batch(ex)
     out = _drill(ex, 1.0)(b)
-    layout, n = _layout(ex), ex.fmt.n_candidates
+    layout = _layout(ex)
     rows = _rows(ex)
     old_entries = {tuple(b.completion[i, p].tolist()) for i in range(len(b)) for p in layout.entry_positions()}
     picks_below = 0
