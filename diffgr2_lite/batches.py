@@ -251,3 +251,17 @@ class DeviceBatches:
 
 def _fields(b: Batch):
     return b.prompt, b.completion, b.weight, b.is_answer, b.length
+
+
+def chain_transforms(*transforms):
+    """Batch transforms applied one after another (None entries skipped); None when there are none."""
+    live = [t for t in transforms if t is not None]
+    if len(live) <= 1:
+        return live[0] if live else None
+
+    def run(b: Batch) -> Batch:
+        for t in live:
+            b = t(b)
+        return b
+
+    return run

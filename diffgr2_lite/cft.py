@@ -53,11 +53,11 @@ def _fit_cft(profile: Profile, ex, model, rows, *, loss_fn, lambda_r: float, epo
     with the same relabelled and colliding share, and the learning-rate ``schedule`` (a name in
     ``train.SCHEDULES``).
 
-    No rank drill (:mod:`rank_drill`), which SFT has: a drilled row's check is random, so when a diffusion view masks
-    part of it the ranks that follow cannot be inferred from anything, and the model is trained to guess them. In a
-    side check (one H200, every test user, ``results/checks/2026-12-01-h200-rank-drill.json``) a 24-epoch CFT that
-    drilled a quarter of its rows was 98.74% valid with sub-blocks of 8 and 97.53% over the whole block, from a
-    parent that was 99.20% valid.
+    No rank drill (:mod:`rank_drill`), which SFT can have. In a side check (one H200, every test user,
+    ``results/checks/2026-12-01-h200-rank-drill.json``) a 24-epoch CFT that drilled a quarter of its rows, from a
+    99.20%-valid parent, was 98.74% valid with sub-blocks of 8 (as undrilled runs) but 97.53% over the whole block
+    (undrilled: 99.3% and 99.25%). A likely reason, untested: a drilled row's check is random, so when a diffusion
+    view masks part of it the ranks that follow cannot be inferred from anything, and the model learns to guess.
     """
     return train_supervised(model, rows, ex.tokenizer, loss_fn=loss_fn,
                             transform=augmentations(profile, ex, profile.seed + 2, drill=False),

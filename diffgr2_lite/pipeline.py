@@ -24,11 +24,11 @@ from .batches import tokenize_split
 from .cft import continue_cft, train_cft  # noqa: F401
 from .config import Profile
 from .copy_warmup import train_warmup
-from .rank_drill import augmentations
 from .decoders import (ar_decoder, ar_max_new, diffusion_decoder, diffusion_validate, effective_sub_block,
                        validation_score)
 from .evaluate import bootstrap_vs, cached_evaluation, evaluate, fixed_rankings, model_fingerprint  # noqa: F401
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
+from .rank_drill import augmentations
 from .train import distributed, end_distributed, engine_settings, train_supervised
 
 STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained",
@@ -165,7 +165,9 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     """SFT of the AR re-ranker: ``reasoning`` (trace + answer) or ``direct`` (the answer alone).
 
     Both variants start from the same copy warm-up (:func:`get_copy_warmup`) and train on the same prompts
-    (:meth:`ExampleSet.training_rows`); a ``relabel_share`` of each batch has its SID codes relabelled, so copying is kept.
+    (:meth:`ExampleSet.training_rows`); a ``relabel_share`` of each batch has its SID codes relabelled, so copying is
+    kept, and with reasoning a ``rank_drill_share`` has its check drawn at random and its ranks recounted
+    (:mod:`rank_drill`).
     """
     import copy
 
