@@ -18,6 +18,11 @@ When the trace ends with the candidates' ranks (``ranks #2 #1 ...``), :func:`ran
 mistake was already in those ranks (``broken``: not a permutation), was made while following them (``departed``: the
 answer's order is not theirs), or lies inside an item whose label was right (``followed``: e.g. a wrong SID code).
 
+The ranks are a count over the check's points and the pick, which a model can learn by heart for the point patterns
+it has seen in training instead of counting. :func:`check_pattern` reads the (points, pick) an output's own trace
+wrote; given the training patterns (:func:`training_check_patterns`), the table says how many invalid answers, and
+how many answers in all, came from a check no training row had.
+
 :func:`failure_table` counts these over a whole evaluation, for notebooks 02 and 04.
 """
 from __future__ import annotations
@@ -115,22 +120,65 @@ def ranks_state(output, n_candidates: int) -> str | None:
     return "followed" if labels == order else "departed"
 
 
-def failure_table(outputs: list[str], rows: list[dict], sid_words) -> dict:
+def check_pattern(output, n_candidates: int) -> tuple[tuple[int, ...], int] | None:
+    """The (points of candidates [1]..[N], pick position) an output's trace wrote in its check, or None when the
+    output has no check of N labelled entries in order, each ending in its points, followed by ``pick [k]``.
+    Never raises on model output."""
+    tokens = output_tokens(output)
+    n = int(n_candidates)
+    if "check" not in tokens or "pick" not in tokens[tokens.index("check"):]:
+        return None
+    start = tokens.index("check") + 1
+    pick_at = tokens.index("pick", start)
+    entries = [e for e in " ".join(tokens[start:pick_at]).split(";") if e.split() and set(e.split()) != {"-"}]
+    if len(entries) != n or pick_at + 1 >= len(tokens):
+        return None
+    points = []
+    for k, entry in enumerate(entries):
+        words = entry.split()
+        if words[0] != label_token(k) or not (words[-1].isascii() and words[-1].isdigit()):
+            return None
+        points.append(int(words[-1]))
+    pick = tokens[pick_at + 1]
+    picked = [k for k in range(n) if label_token(k) == pick]
+    return (tuple(points), picked[0]) if picked else None
+
+
+def check_patterns(outputs, n_candidates: int) -> set:
+    """Every :func:`check_pattern` among ``outputs`` (e.g. the teacher completions SFT trains on)."""
+    return {p for p in (check_pattern(out, n_candidates) for out in outputs) if p is not None}
+
+
+def training_check_patterns(ex) -> set:
+    """The :func:`check_patterns` of the rows SFT trains on (an :class:`~diffgr2_lite.data.examples.ExampleSet`'s
+    rejection-sampled and reading rows)."""
+    completions = [c for split in ("train", "reading") for c in ex.splits[split]["completion"]]
+    return check_patterns(completions, ex.fmt.n_candidates)
+
+
+def failure_table(outputs: list[str], rows: list[dict], sid_words, seen_checks: set | None = None) -> dict:
     """Counts of :func:`locate_failure` over an evaluation (``rows`` carry ``candidates`` and ``history`` item ids).
 
     Returns ``n``, ``invalid``, and for invalid outputs the counts of ``where``, ``kind``, ``level`` and
     ``copied_from``, plus ``pick_disagrees`` (answers whose first item is not the trace's pick) and ``ranks`` (the
-    :func:`ranks_state` of invalid outputs that have an answer and a ranks list before it).
+    :func:`ranks_state` of invalid outputs that have an answer and a ranks list before it). With ``seen_checks`` (the
+    training rows' :func:`check_patterns`), ``unseen_check``: outputs that wrote a check and pick no training row had
+    (an output without a readable check is not counted), ``all`` of them and the ``invalid`` ones.
     """
     where, kind, level, source, ranks = Counter(), Counter(), Counter(), Counter(), Counter()
     disagree = 0
+    unseen = Counter()
     for out, r in zip(outputs, rows):
         cands = [sid_words(c) for c in r["candidates"]]
         f = locate_failure(out, cands, [sid_words(h) for h in r.get("history", [])])
         if pick_agrees(out, len(cands)) is False:
             disagree += 1
+        pattern = check_pattern(out, len(cands)) if seen_checks is not None else None
+        is_unseen = pattern is not None and pattern not in seen_checks
+        unseen["all"] += is_unseen
         if f["where"] == "valid":
             continue
+        unseen["invalid"] += is_unseen
         where[f["where"]] += 1
         kind[f["kind"]] += 1
         state = ranks_state(out, len(cands))
@@ -139,17 +187,21 @@ def failure_table(outputs: list[str], rows: list[dict], sid_words) -> dict:
         if f["level"]:
             level[f["level"]] += 1
             source[f["copied_from"]] += 1
-    return {"n": len(outputs), "invalid": sum(where.values()), "where": dict(where), "kind": dict(kind),
-            "level": dict(level), "copied_from": dict(source), "pick_disagrees": disagree,
-            "ranks": dict(ranks)}
+    table = {"n": len(outputs), "invalid": sum(where.values()), "where": dict(where), "kind": dict(kind),
+             "level": dict(level), "copied_from": dict(source), "pick_disagrees": disagree,
+             "ranks": dict(ranks)}
+    if seen_checks is not None:
+        table["unseen_check"] = {"all": unseen["all"], "invalid": unseen["invalid"]}
+    return table
 
 
-def failure_rows(systems: dict[str, dict], ds, sid_words) -> list[dict]:
-    """One table row per system (name -> scored evaluation on ``ds``): where and how its invalid answers break."""
+def failure_rows(systems: dict[str, dict], ds, sid_words, seen_checks: set | None = None) -> list[dict]:
+    """One table row per system (name -> scored evaluation on ``ds``): where and how its invalid answers break (with
+    ``seen_checks``, also how many came from a check that no training row had: see :func:`failure_table`)."""
     rows = ds.select_columns(["candidates", "history"]).to_list()
     out = []
     for name, scored in systems.items():
-        t = failure_table(scored["outputs"], rows, sid_words)
+        t = failure_table(scored["outputs"], rows, sid_words, seen_checks)
         n, bad = t["n"], max(1, t["invalid"])
         row = {"system": name, "invalid": f"{t['invalid'] / max(1, n):.1%}"}
         for part in ("pick", "rest", "end", "no answer"):
@@ -163,5 +215,8 @@ def failure_rows(systems: dict[str, dict], ds, sid_words) -> list[dict]:
         row["answer ≠ pick"] = f"{t['pick_disagrees'] / max(1, n):.1%}"
         if t["ranks"]:
             row["ranks already broken"] = f"{t['ranks'].get('broken', 0) / bad:.0%}"
+        if "unseen_check" in t:
+            u = t["unseen_check"]
+            row["check unseen in training: invalid / all"] = f"{u['invalid'] / bad:.0%} / {u['all'] / max(1, n):.0%}"
         out.append(row)
     return out

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from diffgr2_lite.diagnostics import failure_table, locate_failure, pick_agrees, ranks_state
+from diffgr2_lite.diagnostics import (check_pattern, check_patterns, failure_table, locate_failure, pick_agrees,
+                                      ranks_state)
 from diffgr2_lite.text import build_answer, sid_tokens
 
 # ten candidates sharing prefixes the way real ones do: pairs share their first code, 4 and 5 share two codes
@@ -131,3 +132,45 @@ def test_ranks_state_tells_a_copy_mistake_from_a_counting_one():
                with_ranks([2, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 1, *order[2:]])]
     t = failure_table(outputs, rows, lambda i: (CANDS + HISTORY)[i])
     assert t["invalid"] == 2 and t["ranks"] == {"departed": 1, "broken": 1}
+
+
+def _trace(points, pick, n=10, ranks="#1 #2 #3 #4 #5 #6 #7 #8 #9 #10"):
+    entries = " ".join(f"[{k + 1}] {'=brand' if p else '-'} - {p} ;" for k, p in enumerate(points[:n]))
+    return f"<think> step3 check {entries} - - - pick [{pick}] ; ranks {ranks} . </think>"
+
+
+def test_check_pattern_reads_the_points_and_pick_an_output_wrote():
+    points = [6, 0, 0, 3, 0, 0, 0, 0, 4, 0]
+    out = _trace(points, 1) + " " + answer([t for k in range(10) for t in item(k)])
+    assert check_pattern(out, 10) == (tuple(points), 0)
+    assert check_pattern(out.split(), 10) == (tuple(points), 0)                # a token list reads the same
+    assert check_pattern(_trace(points, 9), 10) == (tuple(points), 8)
+
+
+@pytest.mark.parametrize("garbage", [
+    None, "", "<answer> </answer>", "check pick", "step3 check [1] - - 6 ; pick [1]",   # no check / too few entries
+    "check " + " ".join(f"[{k + 1}] - - x ;" for k in range(10)) + " pick [1]",          # points that are no number
+    "check " + " ".join(f"[{k + 2}] - - 0 ;" for k in range(10)) + " pick [1]",          # labels out of order
+    "check " + " ".join(f"[{k + 1}] - - 0 ;" for k in range(10)) + " pick",              # no pick label
+    "check " + " ".join(f"[{k + 1}] - - 0 ;" for k in range(10)) + " pick [11]",         # a pick that is no label
+    "check " + " ".join(f"[{k + 1}] - - ² ;" for k in range(10)) + " pick [1]",          # a digit int() refuses
+    12345, ["check", None, "pick"],
+])
+def test_check_pattern_of_garbage_is_none(garbage):
+    assert check_pattern(garbage, 10) is None
+
+
+def test_failure_table_counts_checks_unseen_in_training():
+    """Two training checks; four outputs: a valid answer from a seen check, a duplicated candidate from an unseen
+    check, a duplicated candidate from a seen one, and no check at all. Unseen: 1 of all, 1 of the 3 invalid."""
+    seen_a, seen_b, new = [6] + [0] * 9, [3, 3] + [0] * 8, [5, 0, 5] + [0] * 7
+    seen = check_patterns([_trace(seen_a, 1), _trace(seen_b, 2), "garbage"], 10)
+    assert seen == {(tuple(seen_a), 0), (tuple(seen_b), 1)}
+    good = [t for k in range(10) for t in item(k)]
+    dup = [t for k in [0, 1, 2, 1, 4, 5, 6, 7, 8, 9] for t in item(k)]
+    outputs = [_trace(seen_a, 1) + " " + answer(good), _trace(new, 1) + " " + answer(dup),
+               _trace(seen_b, 2) + " " + answer(dup), "<think> no check at all </think> <eos>"]
+    rows = [{"candidates": list(range(10)), "history": [10, 11]}] * 4
+    t = failure_table(outputs, rows, lambda i: (CANDS + HISTORY)[i], seen_checks=seen)
+    assert t["invalid"] == 3 and t["unseen_check"] == {"all": 1, "invalid": 1}     # no check read: not counted
+    assert "unseen_check" not in failure_table(outputs, rows, lambda i: (CANDS + HISTORY)[i])

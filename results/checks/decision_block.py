@@ -48,7 +48,7 @@ from diffgr2_lite import cft as cft_mod
 from diffgr2_lite import pipeline as pl
 from diffgr2_lite.config import get_profile, validate_profile
 from diffgr2_lite.decoders import ar_decoder, diffusion_decoder
-from diffgr2_lite.diagnostics import failure_table
+from diffgr2_lite.diagnostics import failure_table, training_check_patterns
 from diffgr2_lite.evaluate import evaluate
 
 mode, out = sys.argv[1], sys.argv[2]
@@ -79,6 +79,8 @@ else:
     rows_ds = valid.select(range(start, min(start + 1000, len(valid))))
 res["users"] = os.environ.get("SPLIT", "valid 256..1255")
 rows = rows_ds.to_list()
+# the (points, pick) of every training check: the failure tables count invalid answers from checks no training row had
+seen_checks = training_check_patterns(ex)
 
 
 def dump():
@@ -92,7 +94,7 @@ def record(name, scored):
     res[name] = {"valid": scored["metrics"]["valid_rate"], "recall@1": scored["metrics"]["recall@1"],
                  "strict_recall@1": scored["metrics_strict"]["recall@1"],
                  "tokens_per_forward": scored["tokens_per_forward"],
-                 "failures": failure_table(scored["outputs"], rows, ex.sid_words)}
+                 "failures": failure_table(scored["outputs"], rows, ex.sid_words, seen_checks)}
     print(mode, name, json.dumps({k: v for k, v in res[name].items() if k != "failures"}),
           json.dumps(res[name]["failures"]), f"{time.time() - t0:.0f}s", flush=True)
     dump()                        # partial results survive a time limit
