@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .text import ANSWER, LEVEL_NAMES, answer_items, label_token, output_tokens, split_output
+from .text import ANSWER, LEVEL_NAMES, answer_items, label_position, label_token, output_tokens, split_output
 
 PARTS = ("no answer", "pick", "rest", "end")
 
@@ -139,9 +139,8 @@ def check_pattern(output, n_candidates: int) -> tuple[tuple[int, ...], int] | No
         if words[0] != label_token(k) or not (words[-1].isascii() and words[-1].isdigit()):
             return None
         points.append(int(words[-1]))
-    pick = tokens[pick_at + 1]
-    picked = [k for k in range(n) if label_token(k) == pick]
-    return (tuple(points), picked[0]) if picked else None
+    pick = label_position(tokens[pick_at + 1])
+    return (tuple(points), pick) if pick is not None and pick < n else None
 
 
 def check_patterns(outputs, n_candidates: int) -> set:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .data.teacher import rank_tokens
 from .text import ANSWER, END_ANSWER, label_token, label_token_ids
 
 PICK_KEY = 1 << 30          # the pick's sort key: above any candidate's points * N + N
@@ -102,7 +103,7 @@ class DrillTensors:
     entries: torch.Tensor        # [N, E] completion positions of each check entry's tags and points
     ranks: torch.Tensor          # [N] completion positions of the ranks
     answer: torch.Tensor         # [N, 1 + L] completion positions of each answer item
-    silent: torch.Tensor         # [C] bool over completion positions: no loss in a drilled row
+    silent: torch.Tensor         # [S] completion positions with no loss in a drilled row
 
 
 def teacher_order(points: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
@@ -153,8 +154,8 @@ def drill_ranks(prompt: torch.Tensor, completion: torch.Tensor, weight: torch.Te
     sids = prompt[:, t.sid_positions]                                                   # [B, N, L]
     new[:, t.answer] = torch.cat([t.label_ids[order][..., None],
                                   sids.gather(1, order[..., None].expand_as(sids))], -1)
-    silent = torch.nn.functional.pad(t.silent, (0, max(0, weight.shape[1] - len(t.silent))))[: weight.shape[1]]
-    new_weight = torch.where(silent, torch.zeros_like(weight), weight)
+    new_weight = weight.clone()
+    new_weight[:, t.silent] = 0
     return (torch.where(chosen[:, None], new, completion),
             torch.where(chosen[:, None], new_weight, weight))
 
@@ -167,14 +168,12 @@ def rank_drill_transform(tokenizer, fmt, reference_words: list[str], share: floa
     if share <= 0:
         return None
     layout = TraceLayout.from_completion(reference_words, fmt.n_candidates, fmt.sid_len)
-    ranks = tokenizer.convert_tokens_to_ids([f"#{k + 1}" for k in range(fmt.n_candidates)])
+    ranks = tokenizer.convert_tokens_to_ids(rank_tokens(list(range(fmt.n_candidates))))   # #1 .. #N
     if tokenizer.unk_token_id in ranks:
         raise ValueError("the vocabulary has no rank tokens #1..#N: a rank drill needs traces with ranks")
     labels = label_token_ids(tokenizer, fmt.n_candidates)
     label_pos_of = torch.full((len(tokenizer),), -1, dtype=torch.long)
     label_pos_of[labels] = torch.arange(fmt.n_candidates)
-    silent = torch.zeros(layout.end_answer + 3, dtype=torch.bool)          # </answer> <eos> and beyond: never silent
-    silent[layout.silent_positions()] = True
     dev = torch.device(device)
     t = DrillTensors(
         layout=layout,
@@ -183,7 +182,8 @@ def rank_drill_transform(tokenizer, fmt, reference_words: list[str], share: floa
         points_of=numbers_of_tokens(tokenizer), label_pos_of=label_pos_of, label_ids=torch.tensor(labels),
         rank_ids=torch.tensor(ranks),
         sid_positions=torch.tensor(fmt.candidate_sid_positions), entries=torch.tensor(layout.entry_positions()),
-        ranks=torch.tensor(layout.rank_positions()), answer=torch.tensor(layout.answer_positions()), silent=silent)
+        ranks=torch.tensor(layout.rank_positions()), answer=torch.tensor(layout.answer_positions()),
+        silent=torch.tensor(layout.silent_positions()))
     for name, value in vars(t).items():
         if isinstance(value, torch.Tensor):
             setattr(t, name, value.to(dev))                                # once, not at every step
