@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import copy
 
+import gc
+
 import torch
 
 from .ar import pick
@@ -127,9 +129,16 @@ class StepGraph:
                 self.step()
         torch.cuda.current_stream().wait_stream(side)
         reset()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step()
+        gc.collect()                  # an unreachable earlier graph must not be freed mid-capture: that aborts it
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step()
+        finally:
+            if was_enabled:
+                gc.enable()
         self.graph = graph
 
     def __call__(self) -> None:

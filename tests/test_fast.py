@@ -174,3 +174,44 @@ def test_cuda_graphs_give_the_eager_tokens(model, prompts):
                     assert out["forwards"] == ref.forwards
     finally:
         model.to("cpu")
+
+
+def test_step_graph_capture_holds_the_garbage_collector(monkeypatch):
+    """Freeing an unreachable earlier CUDA graph during a capture aborts the capture (seen in a full run on an H200),
+    so capture collects garbage first and keeps the collector off until the capture ends, even if it fails."""
+    import contextlib
+    import gc
+
+    import torch
+
+    from diffgr2_lite.fast import StepGraph
+
+    seen = []
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+
+    def step():
+        seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    g = StepGraph(step, enabled=True)
+    g.capture(lambda: None, warmup=2)
+    assert seen == [True, True, False]              # two warm-up runs with the collector on, the capture without
+    assert gc.isenabled() and g.graph is not None
+
+    def failing():
+        if len(seen) > 3:
+            raise RuntimeError("capture failed")
+        seen.append(gc.isenabled())
+
+    with pytest.raises(RuntimeError):
+        StepGraph(failing, enabled=True).capture(lambda: None, warmup=1)
+    assert gc.isenabled()
