@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 DATASETS = ("synthetic", "amazon_beauty")
 SCHEDULE_NAMES = ("cosine", "stable_decay", "constant")   # train.SCHEDULES, named here so config stays free of torch
+EVAL_ENGINES = ("readable", "graphed")                 # decoders.py: the notebooks' decoders, or fast.py's graphed ones
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")   # torch.compile's
 
 
@@ -71,6 +72,7 @@ class Profile:
     lambda_reasoning: float = 0.5     # GR2's decoupled weights: lambda_r < lambda_o
     lambda_answer: float = 1.0
     eval_batch: int = 64
+    eval_engine: str = "readable"     # decoders of evaluation and validation: one of EVAL_ENGINES (decoders.py)
     # the training engine (train.py): batch_size and copy_batch are one process's micro-batch; a step's global batch
     # is batch_size x grad_accum x processes rows
     grad_accum: int = 1
@@ -246,6 +248,9 @@ def validate_profile(profile: Profile) -> Profile:
     if profile.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"profile field compile_mode={profile.compile_mode!r} is invalid: must be one of "
                           f"{', '.join(map(repr, COMPILE_MODES))}")
+    if profile.eval_engine not in EVAL_ENGINES:
+        raise ConfigError(f"profile field eval_engine={profile.eval_engine!r} is invalid: must be one of "
+                          f"{', '.join(EVAL_ENGINES)}")
     for name in ("ar_schedule", "cft_schedule"):
         if getattr(profile, name) not in SCHEDULE_NAMES:
             raise ConfigError(f"profile field {name}={getattr(profile, name)!r} is invalid: must be one of "

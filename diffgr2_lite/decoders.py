@@ -3,10 +3,16 @@
 :func:`ar_decoder` is AR decoding with a KV cache, free or constrained (:mod:`diffgr2_lite.ar`);
 :func:`diffusion_decoder` the block-diffusion sampler (:mod:`diffgr2_lite.diffusion.sampler`), optionally followed by
 the external assignment decoder. :func:`validation_score` is what every training stage selects its checkpoint by.
+
+Two engines run the same decoding rule (a profile's ``eval_engine``): ``readable``, the decoders the notebooks teach,
+and ``graphed``, the static-cache decoders of :mod:`diffgr2_lite.fast` that notebook 08 times (CUDA graphs and bf16
+weights on a GPU; on a CPU they give the readable decoders' tokens exactly, which the tests check). Constrained
+decoding and the assignment decoder exist only in the readable engine and always use it.
 """
 from __future__ import annotations
 
 from .ar import AnswerConstraint, ar_decode, candidate_token_ids, decode_budget, default_max_blocks
+from .config import EVAL_ENGINES as ENGINES
 from .evaluate import evaluate
 
 
@@ -15,8 +21,38 @@ def ar_max_new(ex) -> int:
     return decode_budget(ex.splits["train"])
 
 
-def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: float = 0.0):
+def graphed(model, device, build):
+    """``decode(rows, prompt)`` over :mod:`fast` decoders: a copy of the weights (bf16 on a GPU) taken now, and one
+    static-shape decoder per batch shape, built by ``build(model, batch_size, prompt_len)`` on first use (the last,
+    smaller batch of an evaluation gets its own)."""
+    from .fast import speed_model
+
+    fast_model, built = speed_model(model, device), {}
+
+    def decode(rows, prompt):
+        shape = tuple(prompt.shape)
+        if shape not in built:
+            built[shape] = build(fast_model, *shape)
+        return built[shape].decode(prompt)
+
+    return decode
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown decoding engine {engine!r}; valid: {', '.join(ENGINES)}")
+
+
+def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: float = 0.0,
+               engine: str = "readable"):
+    """Greedy (or sampled) AR decoding; ``engine="graphed"`` runs free greedy decoding on :class:`fast.FastARDecoder`
+    (constrained or sampled decoding stays readable)."""
+    _check_engine(engine)
     tok = ex.tokenizer
+    if engine == "graphed" and not constrained and temperature == 0.0:
+        from .fast import FastARDecoder
+
+        return graphed(model, device, lambda m, n, P: FastARDecoder(m, n, P, max_new, tok.eos_token_id))
 
     def decode(rows, prompt):
         cons = AnswerConstraint(candidate_token_ids(rows, ex, tok, device), tok, max_new) if constrained else None
@@ -37,7 +73,8 @@ def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | No
     """Block-diffusion decoding; ``assign`` rewrites each answer with the external assignment decoder.
 
     ``sub_block``: left-to-right chunks inside a block (None: the profile's ``sub_block``; 0: the whole block).
-    ``max_blocks``: default, enough for the longest training completion."""
+    ``max_blocks``: default, enough for the longest training completion. The profile's ``eval_engine`` decides the
+    engine for greedy decoding without ``assign``."""
     from .diffusion.sampler import diffusion_decode
     from .text import label_token_ids
 
@@ -45,6 +82,13 @@ def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | No
     B = block_size or profile.block_size
     max_blocks = max_blocks or default_max_blocks(ex.splits["train"], B)
     sub_block = effective_sub_block(profile, B, sub_block)
+    engine = profile.eval_engine
+    _check_engine(engine)
+    if engine == "graphed" and not assign and temperature == 0.0:
+        from .fast import FastDiffusionDecoder
+
+        return graphed(model, profile.device, lambda m, n, P: FastDiffusionDecoder(
+            m, n, P, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau, sub_block=sub_block))
 
     def decode(rows, prompt):
         res = diffusion_decode(model, prompt, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau,

@@ -127,7 +127,9 @@ def record_fixed(profile: Profile, ex, stage: str, column: str | None, reference
 
 
 def _cached(profile: Profile, stage: str, model, settings: dict, run):
-    """Evaluate once per (stage, settings, weights, data): later notebooks reuse the saved per-user results."""
+    """Evaluate once per (stage, settings, weights, data, engine): later notebooks reuse the saved per-user results."""
+    if profile.eval_engine != "readable":        # readable results keep the keys they had before engines existed
+        settings = {**settings, "engine": profile.eval_engine}
     return cached_evaluation(art.stage_dir(profile, stage) / "scored.json",
                              {**settings, "data": profile_hash(profile, *DATA_FIELDS)}, model, run)
 
@@ -187,7 +189,8 @@ def train_ar(profile: Profile, ex, variant: str = "reasoning", **overrides):
     cfg.update(overrides)
     hist = train_supervised(model, train_ds, tok, loss_fn=sft_terms, device=profile.device, seed=profile.seed,
                             desc=f"AR SFT ({variant})", **cfg,
-                            validate=lambda m: validation_score(ar_decoder(m, ex, max_new, False, profile.device),
+                            validate=lambda m: validation_score(ar_decoder(m, ex, max_new, False, profile.device,
+                                                                           engine=profile.eval_engine),
                                                                 ex, profile))
     hist["parameters"] = n_parameters(model)
     hist["max_new"] = max_new
@@ -207,8 +210,8 @@ def evaluate_ar(profile: Profile, model, ex, stage: str, constrained: bool = Fal
     max_new = max_new or ar_max_new(ex)
 
     def run():
-        return evaluate(ar_decoder(model, ex, max_new, constrained, profile.device), ex.splits[split], ex,
-                        profile.eval_batch, profile.device, desc=f"decoding {stage}")
+        decode = ar_decoder(model, ex, max_new, constrained, profile.device, engine=profile.eval_engine)
+        return evaluate(decode, ex.splits[split], ex, profile.eval_batch, profile.device, desc=f"decoding {stage}")
 
     if split == "test":
         scored, seconds = _cached(profile, stage, model, {"constrained": constrained, "max_new": max_new}, run)
@@ -218,6 +221,7 @@ def evaluate_ar(profile: Profile, model, ex, stage: str, constrained: bool = Fal
         seconds = t.s
     extra = {"ci95": bootstrap_vs(scored, reference, profile.seed)} if reference else {}
     extra["tokens_per_forward"] = scored["tokens_per_forward"]
+    extra["engine"] = "readable" if constrained else profile.eval_engine
     rec = art.stage_record(stage, profile, scored, scored["n"], profile.device, seconds, extra, split)
     if split == "test":
         write_stage(profile, stage, rec)
@@ -247,7 +251,8 @@ def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0
         with art.Timer() as t:
             scored = run()
         seconds = t.s
-    extra = {"block_size": B, "tau": tau, "tokens_per_forward": scored["tokens_per_forward"]}
+    extra = {"block_size": B, "tau": tau, "tokens_per_forward": scored["tokens_per_forward"],
+             "engine": "readable" if assign else profile.eval_engine}
     if sub_block:
         extra["sub_block"] = sub_block
     if reference:

@@ -86,3 +86,9 @@ def test_effective_sub_block_is_the_profiles_unless_given_and_none_for_the_whole
     assert effective_sub_block(get_profile("smoke", sub_block=0), 32) is None
     with pytest.raises(ConfigError, match="sub_block"):
         validate_profile(get_profile("smoke", sub_block=-1))
+
+
+def test_unknown_eval_engine_is_refused():
+    with pytest.raises(ConfigError, match=r"eval_engine='fast' is invalid: must be one of readable, graphed"):
+        get_profile("smoke", eval_engine="fast")
+    assert get_profile("smoke", eval_engine="graphed").eval_engine == "graphed"

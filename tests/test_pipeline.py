@@ -204,3 +204,57 @@ def test_validation_and_rollouts_of_diffusion_stages_use_the_profiles_sub_blocks
     pl.train_opd_stage(stage, ex, ar, ar)
     pl.train_rl_stage(stage, ex, ar)
     assert opd_kw["sub_block"] == stage.sub_block and rl_kw["sub_block"] == stage.sub_block
+
+
+def test_graphed_engine_gives_the_readable_decoders_results(stage, monkeypatch):
+    """``eval_engine = "graphed"`` decodes with fast.py's static-shape decoders (one per batch shape, so the last,
+    smaller batch is exercised) and, on a CPU in float32, scores exactly what the readable decoders score; the
+    constrained AR decoder and the assignment decoder stay readable, and each record names its engine."""
+    from dataclasses import replace
+
+    import torch
+
+    from diffgr2_lite import fast
+
+    ex = pl.get_examples(stage, progress=False)
+    ar = pl.new_model(stage, ex)
+    torch.manual_seed(0)
+    with torch.no_grad():                         # peaked random weights: the commit order changes the tokens
+        for p in ar.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    readable = replace(stage, eval_batch=4)
+    graphed = replace(readable, eval_engine="graphed")
+    assert len(ex.splits["test"]) % readable.eval_batch                     # a last batch of another shape
+    calls = {"ar": 0, "diffusion": 0}
+    for name, cls in (("ar", fast.FastARDecoder), ("diffusion", fast.FastDiffusionDecoder)):
+        real = cls.decode
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "decode", counted)
+
+    outputs = []
+    for sub_block in (None, 0):                                             # the profile's sub-blocks, the whole block
+        a = pl.evaluate_diffusion(readable, ar, ex, "naive", tau=0.7, write=False, sub_block=sub_block)
+        b = pl.evaluate_diffusion(graphed, ar, ex, "naive", tau=0.7, write=False, sub_block=sub_block)
+        assert a["scored"]["outputs"] == b["scored"]["outputs"]
+        assert a["scored"]["tokens_per_forward"] == b["scored"]["tokens_per_forward"]
+        assert (a["record"]["engine"], b["record"]["engine"]) == ("readable", "graphed")
+        outputs.append(a["scored"]["outputs"])
+    assert outputs[0] != outputs[1]                                         # so the sub-block setting is tested too
+    assert calls["diffusion"] == 2 * 2                                      # two batches per graphed evaluation
+    free_a = pl.evaluate_ar(readable, ar, ex, "ar", split="valid")
+    free_b = pl.evaluate_ar(graphed, ar, ex, "ar", split="valid")
+    assert free_a["scored"]["outputs"] == free_b["scored"]["outputs"] and calls["ar"] > 0
+    before = dict(calls)
+    cons = pl.evaluate_ar(graphed, ar, ex, "ar_constrained", constrained=True, split="valid")
+    assigned = pl.evaluate_diffusion(graphed, ar, ex, "naive_constrained", assign=True, write=False, n=3)
+    assert calls == before                                                  # neither exists in the graphed engine
+    assert cons["record"]["engine"] == assigned["record"]["engine"] == "readable"
+    from diffgr2_lite.decoders import diffusion_validate
+
+    assert diffusion_validate(graphed, ex, n=3)(ar) == diffusion_validate(readable, ex, n=3)(ar)
+    assert calls["diffusion"] > before["diffusion"]
