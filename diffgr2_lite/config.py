@@ -72,7 +72,8 @@ class Profile:
     lambda_reasoning: float = 0.5     # GR2's decoupled weights: lambda_r < lambda_o
     lambda_answer: float = 1.0
     eval_batch: int = 64
-    eval_engine: str = "readable"     # decoders of evaluation and validation: one of EVAL_ENGINES (decoders.py)
+    eval_engine: str = "readable"     # decoders of evaluation and validation: one of EVAL_ENGINES (decoders.py;
+    #                                   "graphed": fast.py's, CUDA graphs and bf16 on a GPU)
     # the training engine (train.py): batch_size and copy_batch are one process's micro-batch; a step's global batch
     # is batch_size x grad_accum x processes rows
     grad_accum: int = 1

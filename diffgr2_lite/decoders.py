@@ -6,8 +6,9 @@ the external assignment decoder. :func:`validation_score` is what every training
 
 Two engines run the same decoding rule (a profile's ``eval_engine``): ``readable``, the decoders the notebooks teach,
 and ``graphed``, the static-cache decoders of :mod:`diffgr2_lite.fast` that notebook 08 times (CUDA graphs and bf16
-weights on a GPU; on a CPU they give the readable decoders' tokens exactly, which the tests check). Constrained
-decoding and the assignment decoder exist only in the readable engine and always use it.
+weights on a GPU; eager and float32 on a CPU, where the tests find the readable decoders' tokens: the static cache
+takes another attention path, so logits agree to float rounding, not bit for bit). Greedy decoding only: constrained
+and sampled decoding and the assignment decoder exist in the readable engine alone (:func:`engine_for`).
 """
 from __future__ import annotations
 
@@ -38,18 +39,21 @@ def graphed(model, device, build):
     return decode
 
 
-def _check_engine(engine: str) -> None:
+def engine_for(engine: str, greedy_only: bool) -> str:
+    """The engine that decodes: ``engine``, unless the decoding needs the readable one (``greedy_only`` False:
+    constrained, sampled, or followed by the assignment decoder)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown decoding engine {engine!r}; valid: {', '.join(ENGINES)}")
+    return engine if greedy_only else "readable"
 
 
 def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: float = 0.0,
                engine: str = "readable"):
     """Greedy (or sampled) AR decoding; ``engine="graphed"`` runs free greedy decoding on :class:`fast.FastARDecoder`
-    (constrained or sampled decoding stays readable)."""
-    _check_engine(engine)
+    (constrained or sampled decoding stays readable). The graphed decoder checks "every row ended?" every 8 steps, so
+    its ``forwards`` can exceed the readable count by a few per batch; the tokens do not change."""
     tok = ex.tokenizer
-    if engine == "graphed" and not constrained and temperature == 0.0:
+    if engine_for(engine, not constrained and temperature == 0.0) == "graphed":
         from .fast import FastARDecoder
 
         return graphed(model, device, lambda m, n, P: FastARDecoder(m, n, P, max_new, tok.eos_token_id))
@@ -69,12 +73,13 @@ def effective_sub_block(profile, block_size: int, sub_block: int | None = None) 
 
 
 def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | None = None, temperature: float = 0.0,
-                      assign: bool = False, sub_block: int | None = None, max_blocks: int | None = None):
+                      assign: bool = False, sub_block: int | None = None, max_blocks: int | None = None,
+                      engine: str | None = None):
     """Block-diffusion decoding; ``assign`` rewrites each answer with the external assignment decoder.
 
     ``sub_block``: left-to-right chunks inside a block (None: the profile's ``sub_block``; 0: the whole block).
-    ``max_blocks``: default, enough for the longest training completion. The profile's ``eval_engine`` decides the
-    engine for greedy decoding without ``assign``."""
+    ``max_blocks``: default, enough for the longest training completion. ``engine``: None, the profile's
+    ``eval_engine`` (greedy decoding without ``assign`` only; see :func:`engine_for`)."""
     from .diffusion.sampler import diffusion_decode
     from .text import label_token_ids
 
@@ -82,9 +87,7 @@ def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | No
     B = block_size or profile.block_size
     max_blocks = max_blocks or default_max_blocks(ex.splits["train"], B)
     sub_block = effective_sub_block(profile, B, sub_block)
-    engine = profile.eval_engine
-    _check_engine(engine)
-    if engine == "graphed" and not assign and temperature == 0.0:
+    if engine_for(engine or profile.eval_engine, not assign and temperature == 0.0) == "graphed":
         from .fast import FastDiffusionDecoder
 
         return graphed(model, profile.device, lambda m, n, P: FastDiffusionDecoder(
@@ -117,6 +120,6 @@ def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") 
 
 def diffusion_validate(profile, ex, n: int = 128, tau: float = 1.0):
     """Strict validation NDCG@3 of a block-diffusion model decoded with the series' sampler (the profile's
-    sub-blocks)."""
+    sub-blocks and ``eval_engine``)."""
     blocks = default_max_blocks(ex.splits["train"], profile.block_size)       # once, not at every validation
     return lambda m: validation_score(diffusion_decoder(m, ex, profile, tau, max_blocks=blocks), ex, profile, n=n)

@@ -28,8 +28,9 @@ number of steps per block *is* the method), one small bool read per step.
 from __future__ import annotations
 
 import copy
-
 import gc
+import inspect
+import weakref
 
 import torch
 
@@ -113,10 +114,18 @@ class StepGraph:
     With ``enabled`` it is captured once as a CUDA graph (after warm-up on a side stream, as PyTorch requires) and
     every call replays the graph: a single launch for the whole forward + token choice. Without it the function simply
     runs. ``reset`` puts the decoder state back to something valid before each warm-up run (warm-up really executes).
+
+    A decoder's own method is held weakly: the decoder owns its step graphs, and a strong reference back would keep
+    the decoder (its static cache, its graphs' memory) alive after its last use, until a garbage collection.
     """
 
     def __init__(self, step, enabled: bool):
-        self.step, self.enabled, self.graph = step, enabled, None
+        self._step = weakref.WeakMethod(step) if inspect.ismethod(step) else (lambda: step)
+        self.enabled, self.graph = enabled, None
+
+    @property
+    def step(self):
+        return self._step()
 
     def capture(self, reset, warmup: int = 2) -> None:
         if not self.enabled or self.graph is not None:

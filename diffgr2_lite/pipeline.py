@@ -25,7 +25,7 @@ from .cft import continue_cft, train_cft  # noqa: F401
 from .config import Profile
 from .copy_warmup import train_warmup
 from .decoders import (ar_decoder, ar_max_new, diffusion_decoder, diffusion_validate, effective_sub_block,
-                       validation_score)
+                       engine_for, validation_score)
 from .evaluate import bootstrap_vs, cached_evaluation, evaluate, fixed_rankings, model_fingerprint  # noqa: F401
 from .model import CheckpointError, build_model, load_checkpoint, n_parameters, save_checkpoint
 from .rank_drill import augmentations
@@ -127,9 +127,10 @@ def record_fixed(profile: Profile, ex, stage: str, column: str | None, reference
 
 
 def _cached(profile: Profile, stage: str, model, settings: dict, run):
-    """Evaluate once per (stage, settings, weights, data, engine): later notebooks reuse the saved per-user results."""
-    if profile.eval_engine != "readable":        # readable results keep the keys they had before engines existed
-        settings = {**settings, "engine": profile.eval_engine}
+    """Evaluate once per (stage, settings, weights, data): later notebooks reuse the saved per-user results.
+    ``settings`` name the decoding engine when it is not the readable one (readable results keep their old keys)."""
+    if settings.get("engine") == "readable":
+        settings = {k: v for k, v in settings.items() if k != "engine"}
     return cached_evaluation(art.stage_dir(profile, stage) / "scored.json",
                              {**settings, "data": profile_hash(profile, *DATA_FIELDS)}, model, run)
 
@@ -208,20 +209,22 @@ def get_ar(profile: Profile, ex, variant: str = "reasoning", rebuild: bool = Fal
 def evaluate_ar(profile: Profile, model, ex, stage: str, constrained: bool = False, reference: dict | None = None,
                 split: str = "test", max_new: int | None = None) -> dict:
     max_new = max_new or ar_max_new(ex)
+    engine = engine_for(profile.eval_engine, not constrained)
 
     def run():
-        decode = ar_decoder(model, ex, max_new, constrained, profile.device, engine=profile.eval_engine)
+        decode = ar_decoder(model, ex, max_new, constrained, profile.device, engine=engine)
         return evaluate(decode, ex.splits[split], ex, profile.eval_batch, profile.device, desc=f"decoding {stage}")
 
     if split == "test":
-        scored, seconds = _cached(profile, stage, model, {"constrained": constrained, "max_new": max_new}, run)
+        scored, seconds = _cached(profile, stage, model, {"constrained": constrained, "max_new": max_new,
+                                                          "engine": engine}, run)
     else:
         with art.Timer() as t:
             scored = run()
         seconds = t.s
     extra = {"ci95": bootstrap_vs(scored, reference, profile.seed)} if reference else {}
     extra["tokens_per_forward"] = scored["tokens_per_forward"]
-    extra["engine"] = "readable" if constrained else profile.eval_engine
+    extra["engine"] = engine
     rec = art.stage_record(stage, profile, scored, scored["n"], profile.device, seconds, extra, split)
     if split == "test":
         write_stage(profile, stage, rec)
@@ -240,19 +243,21 @@ def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0
     ds = ex.splits[split]
     if n is not None:
         ds = ds.select(range(min(n, len(ds))))
+    engine = engine_for(profile.eval_engine, not assign)
+
     def run():
-        return evaluate(diffusion_decoder(model, ex, profile, tau, B, assign=assign, sub_block=sub_block or 0), ds, ex,
-                        profile.eval_batch, profile.device, desc=f"decoding {stage} (B={B}, tau={tau})")
+        decode = diffusion_decoder(model, ex, profile, tau, B, assign=assign, sub_block=sub_block or 0, engine=engine)
+        return evaluate(decode, ds, ex, profile.eval_batch, profile.device, desc=f"decoding {stage} (B={B}, tau={tau})")
 
     if write and split == "test" and n is None:
-        scored, seconds = _cached(profile, stage, model, {"tau": tau, "B": B, "assign": assign, "sub_block": sub_block},
-                                  run)
+        scored, seconds = _cached(profile, stage, model, {"tau": tau, "B": B, "assign": assign, "sub_block": sub_block,
+                                                          "engine": engine}, run)
     else:
         with art.Timer() as t:
             scored = run()
         seconds = t.s
     extra = {"block_size": B, "tau": tau, "tokens_per_forward": scored["tokens_per_forward"],
-             "engine": "readable" if assign else profile.eval_engine}
+             "engine": engine}
     if sub_block:
         extra["sub_block"] = sub_block
     if reference:

@@ -215,3 +215,22 @@ def test_step_graph_capture_holds_the_garbage_collector(monkeypatch):
     with pytest.raises(RuntimeError):
         StepGraph(failing, enabled=True).capture(lambda: None, warmup=1)
     assert gc.isenabled()
+
+
+def test_a_decoder_is_freed_when_its_last_user_drops_it(model, prompts):
+    """Its step graphs hold the decoder's methods weakly: no reference cycle keeps the static cache (and, on a GPU,
+    the graphs' memory) alive until a garbage collection."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        for build in (lambda: FastARDecoder(model, N, P, max_new=8, eos_id=EOS),
+                      lambda: FastDiffusionDecoder(model, N, P, max_blocks=2, block_size=4, mask_id=MASK, eos_id=EOS)):
+            dec = build()
+            dec.decode(prompts[0])
+            ref = weakref.ref(dec)
+            del dec
+            assert ref() is None
+    finally:
+        gc.enable()

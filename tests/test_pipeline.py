@@ -254,7 +254,26 @@ def test_graphed_engine_gives_the_readable_decoders_results(stage, monkeypatch):
     assigned = pl.evaluate_diffusion(graphed, ar, ex, "naive_constrained", assign=True, write=False, n=3)
     assert calls == before                                                  # neither exists in the graphed engine
     assert cons["record"]["engine"] == assigned["record"]["engine"] == "readable"
-    from diffgr2_lite.decoders import diffusion_validate
+    from diffgr2_lite.decoders import ar_decoder, diffusion_validate
 
     assert diffusion_validate(graphed, ex, n=3)(ar) == diffusion_validate(readable, ex, n=3)(ar)
     assert calls["diffusion"] > before["diffusion"]
+    a = pl.evaluate_diffusion(readable, ar, ex, "naive", tau=0.9, block_size=4, write=False)
+    b = pl.evaluate_diffusion(graphed, ar, ex, "naive", tau=0.9, block_size=4, write=False)
+    assert a["scored"]["outputs"] == b["scored"]["outputs"]                 # another block size reaches the decoder
+    before = dict(calls)
+    prompt = torch.tensor(ex.splits["valid"].select(range(2))["prompt_ids"])
+    ar_decoder(ar, ex, 12, False, "cpu", temperature=0.5, engine="graphed")(None, prompt)
+    assert calls == before                                                  # sampling stays readable
+
+    # the evaluation cache: a graphed result is never served from a readable one, and readable keys are unchanged
+    keys, real_cached = [], pl.cached_evaluation
+    monkeypatch.setattr(pl, "cached_evaluation",
+                        lambda path, settings, *a: keys.append(settings) or real_cached(path, settings, *a))
+    r = pl.evaluate_ar(readable, ar, ex, "ar_engine_check")
+    n_ar = calls["ar"]
+    g = pl.evaluate_ar(graphed, ar, ex, "ar_engine_check")
+    assert calls["ar"] > n_ar and r["scored"]["outputs"] == g["scored"]["outputs"]
+    assert "engine" not in keys[0] and keys[1]["engine"] == "graphed"
+    pl.evaluate_ar(graphed, ar, ex, "ar_engine_check", constrained=True)
+    assert "engine" not in keys[2]                                          # constrained decoding is readable
