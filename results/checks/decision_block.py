@@ -29,7 +29,10 @@ Environment:
 * ``COMPILE=1`` compiles training with static shapes; ``COMPILE_MODE=reduce-overhead`` sets the profile's
   ``compile_mode`` (CUDA graphs in SFT and CFT);
 * ``SPLIT=test`` scores every test user instead of validation users 256..1255; ``ALSO_VALID=1`` also scores the CFT
-  model on those validation users.
+  model on those validation users;
+* ``ENGINE=graphed`` sets the profile's ``eval_engine`` (the decoders of validation during training, so the kept
+  checkpoints can change; same caveat as ``AR_EPOCHS``), and ``ALSO_GRAPHED=1`` repeats every decode of the run with
+  the graphed engine (``<name>_graphed``): the same model, both engines, their records and seconds side by side.
 
 ``ar`` trains the full profile's AR SFT, saves it as the ``ar`` stage checkpoint and decodes it freely.
 ``cft_e<epochs>`` loads that checkpoint, runs CFT (the full profile's recipe) for that many epochs and decodes the
@@ -62,10 +65,11 @@ if mode == "data":
 P = validate_profile(replace(P, seed=int(os.environ.get("SEED", P.seed)),      # the training seed (same data)
                               ar_epochs=float(os.environ.get("AR_EPOCHS", P.ar_epochs)),
                               ar_ema=float(os.environ.get("AR_EMA", P.ar_ema)),
-                              rank_drill_share=float(os.environ.get("DRILL", P.rank_drill_share))))
+                              rank_drill_share=float(os.environ.get("DRILL", P.rank_drill_share)),
+                              eval_engine=os.environ.get("ENGINE", P.eval_engine)))
 words = ex.splits["valid"][0]["completion"].split()
 res = {"mode": mode, "seed": P.seed, "ar_epochs": P.ar_epochs, "ar_ema": P.ar_ema, "compile": P.compile,
-       "rank_drill_share": P.rank_drill_share,
+       "rank_drill_share": P.rank_drill_share, "eval_engine": P.eval_engine,
        "compile_mode": P.compile_mode,
        "align_decision": P.align_decision,
        "device": torch.cuda.get_device_name(0) if P.device == "cuda" else "cpu",
@@ -93,7 +97,7 @@ def dump():
 def record(name, scored):
     res[name] = {"valid": scored["metrics"]["valid_rate"], "recall@1": scored["metrics"]["recall@1"],
                  "strict_recall@1": scored["metrics_strict"]["recall@1"],
-                 "tokens_per_forward": scored["tokens_per_forward"],
+                 "tokens_per_forward": scored["tokens_per_forward"], "decode_seconds": scored["seconds"],
                  "failures": failure_table(scored["outputs"], rows, ex.sid_words, seen_checks)}
     print(mode, name, json.dumps({k: v for k, v in res[name].items() if k != "failures"}),
           json.dumps(res[name]["failures"]), f"{time.time() - t0:.0f}s", flush=True)
@@ -115,8 +119,11 @@ if (mode == "ar" and P.ar_ema) or os.environ.get("ALSO_LAST"):
 model, hist = pl.get_ar(P, ex)
 if mode == "ar":
     res["sft"] = {"steps": hist.get("steps"), "seconds": hist.get("seconds"), "loss_last": hist["loss"][-1]}
-    record("ar_free", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device), rows_ds, ex,
-                               P.eval_batch, P.device))
+    record("ar_free", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device, engine=P.eval_engine),
+                               rows_ds, ex, P.eval_batch, P.device))
+    if os.environ.get("ALSO_GRAPHED"):
+        record("ar_free_graphed", evaluate(ar_decoder(model, ex, pl.ar_max_new(ex), False, P.device, engine="graphed"),
+                                           rows_ds, ex, P.eval_batch, P.device))
     if last_step and last_step[-1] is not None:   # paired: the average against its own run's last step
         import copy
 
@@ -145,6 +152,9 @@ else:
             continue
         record(name, evaluate(diffusion_decoder(cft_model, ex, Pc, tau, sub_block=sub), rows_ds, ex, P.eval_batch,
                               P.device))
+        if os.environ.get("ALSO_GRAPHED"):
+            record(name + "_graphed", evaluate(diffusion_decoder(cft_model, ex, Pc, tau, sub_block=sub, engine="graphed"),
+                                               rows_ds, ex, P.eval_batch, P.device))
     if os.environ.get("ALSO_LAST") and last_step and last_step[-1] is not None:     # the kept epoch vs the last
         import copy
 
