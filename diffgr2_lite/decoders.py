@@ -22,13 +22,13 @@ def ar_max_new(ex) -> int:
     return decode_budget(ex.splits["train"])
 
 
-def graphed(model, device, build):
-    """``decode(rows, prompt)`` over :mod:`fast` decoders: a copy of the weights (bf16 on a GPU) taken now, and one
-    static-shape decoder per batch shape, built by ``build(model, batch_size, prompt_len)`` on first use (the last,
-    smaller batch of an evaluation gets its own)."""
+def graphed(model, build):
+    """``decode(rows, prompt)`` over :mod:`fast` decoders: a copy of the weights (bf16 on a GPU), taken now on the
+    model's own device, and one static-shape decoder per batch shape, built by ``build(model, batch_size,
+    prompt_len)`` on first use (the last, smaller batch of an evaluation gets its own)."""
     from .fast import speed_model
 
-    fast_model, built = speed_model(model, device), {}
+    fast_model, built = speed_model(model), {}
 
     def decode(rows, prompt):
         shape = tuple(prompt.shape)
@@ -56,7 +56,7 @@ def ar_decoder(model, ex, max_new: int, constrained: bool, device, temperature: 
     if engine_for(engine, not constrained and temperature == 0.0) == "graphed":
         from .fast import FastARDecoder
 
-        return graphed(model, device, lambda m, n, P: FastARDecoder(m, n, P, max_new, tok.eos_token_id))
+        return graphed(model, lambda m, n, P: FastARDecoder(m, n, P, max_new, tok.eos_token_id))
 
     def decode(rows, prompt):
         cons = AnswerConstraint(candidate_token_ids(rows, ex, tok, device), tok, max_new) if constrained else None
@@ -90,7 +90,7 @@ def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | No
     if engine_for(engine or profile.eval_engine, not assign and temperature == 0.0) == "graphed":
         from .fast import FastDiffusionDecoder
 
-        return graphed(model, profile.device, lambda m, n, P: FastDiffusionDecoder(
+        return graphed(model, lambda m, n, P: FastDiffusionDecoder(
             m, n, P, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau, sub_block=sub_block))
 
     def decode(rows, prompt):
