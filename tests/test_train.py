@@ -87,6 +87,58 @@ def epoch_rows(data: DeviceBatches, e: int = 0) -> list[list[tuple]]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- make_batch
+PICK_ID = 4
+
+
+class PickTokenizer(StubTokenizer):
+    def convert_tokens_to_ids(self, token):
+        return {"<answer>": 5, "pick": PICK_ID}.get(token, -1)
+
+
+def make_batch_reference(rows, eos, answer, pick, lambda_r, lambda_o, multiple_of=1, min_len=0):
+    """make_batch written row by row, as the module docstring states it (the brute-force reference)."""
+    c_len = max(max(len(r["completion_ids"]) for r in rows), min_len)
+    c_len = -(-c_len // multiple_of) * multiple_of
+    comp = torch.full((len(rows), c_len), eos, dtype=torch.long)
+    weight, is_answer = torch.zeros(len(rows), c_len), torch.zeros(len(rows), c_len, dtype=torch.bool)
+    length = torch.zeros(len(rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        c = list(r["completion_ids"])
+        comp[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        end = c.index(eos) + 1 if eos in c else len(c)
+        start = c.index(answer) if answer in c else end
+        weight[i, :start], weight[i, start:end], is_answer[i, start:end] = lambda_r, lambda_o, True
+        d = c.index(pick) + 1 if pick in c else (c.index(answer) + 1 if answer in c else None)
+        if d is not None and d < end:
+            weight[i, d] *= float(r.get("decision_weight", 1.0))
+        length[i] = end
+    return comp, weight, is_answer, length
+
+
+def test_make_batch_matches_a_row_by_row_reference():
+    """Hand cases (no <eos>, no <answer>, <answer> or pick after the <eos>, a pick as the last token, an empty
+    completion, decision weights 0 and 0.5) and random rows: every field equal to the row-by-row reference."""
+    A, P = 5, PICK_ID
+    hand = [[7, P, 8, A, 9, 9, EOS], [7, 8, 9], [7, 8, EOS, A, 9], [A, 9, EOS, 3], [7, EOS, P, 8], [7, 8, P],
+            [], [P, 8, A, 9, EOS, EOS], [EOS]]
+    g = np.random.default_rng(0)
+    rand = [g.choice([EOS, A, P, 7, 8, 9], size=int(g.integers(0, 12))).tolist() for _ in range(200)]
+    rows = [{"prompt_ids": [1, 2, 3], "completion_ids": c, "decision_weight": [1.0, 0.0, 0.5][i % 3]}
+            for i, c in enumerate(hand + rand)]
+    rows[1].pop("decision_weight")
+    for lr, lo, mult, min_len in ((0.3, 1.7, 1, 0), (1.0, 1.0, 4, 20)):
+        got = make_batch(rows, PickTokenizer(), lr, lo, multiple_of=mult, min_len=min_len)
+        ref = make_batch_reference(rows, EOS, A, P, lr, lo, mult, min_len)
+        assert torch.equal(got.prompt, torch.tensor([[1, 2, 3]] * len(rows)))
+        for a, b in zip((got.completion, got.weight, got.is_answer, got.length), ref):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert got.weight[0, 2] == 1.0 and got.weight[1, 2] == 1.0          # hand rows: the decision and no decision
+    with pytest.raises(ValueError, match="same length"):
+        make_batch([{"prompt_ids": [1], "completion_ids": [2]}, {"prompt_ids": [1, 2], "completion_ids": [2]}],
+                   PickTokenizer())
+
+
 def test_device_batches_shapes_padding_rows_and_every_row_once():
     rows = toy_rows()
     data = DeviceBatches(rows, StubTokenizer(), batch_size=5, multiple_of=4, buckets=2, seed=1)
