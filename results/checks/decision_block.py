@@ -32,7 +32,10 @@ Environment:
   model on those validation users;
 * ``ENGINE=graphed`` sets the profile's ``eval_engine`` (the decoders of validation during training, so the kept
   checkpoints can change; same caveat as ``AR_EPOCHS``), and ``ALSO_GRAPHED=1`` repeats every decode of the run with
-  the graphed engine (``<name>_graphed``): the same model, both engines, their records and seconds side by side.
+  the graphed engine (``<name>_graphed``): the same model, both engines, their records and seconds side by side;
+* ``EPOCH_CURVE=1``: at each of CFT's validations (once per epoch), the model of that moment also decodes every test
+  user (sub-blocks of 8 and the whole block) and validation users 256..1255 (sub-blocks of 8), graphed, at tau 1.0:
+  validity and strict NDCG@3 epoch by epoch, and which epoch each selection rule would keep.
 
 ``ar`` trains the full profile's AR SFT, saves it as the ``ar`` stage checkpoint and decodes it freely.
 ``cft_e<epochs>`` loads that checkpoint, runs CFT (the full profile's recipe) for that many epochs and decodes the
@@ -134,6 +137,31 @@ if mode == "ar":
                                              P.eval_batch, P.device))
 else:
     epochs = float(mode.split("_e")[1])
+    if os.environ.get("EPOCH_CURVE"):          # each CFT validation also decodes every test user and 1,000 others
+        _series_validate = cft_mod.diffusion_validate
+        valid_1000 = ex.splits["valid"].select(range(256, min(1256, len(ex.splits["valid"]))))
+        curve = res.setdefault("epoch_curve", [])
+
+        def validate_with_curve(profile, ex_, n=128, tau=1.0):
+            series = _series_validate(profile, ex_, n=n, tau=tau)
+
+            def validate(m):
+                point = {"val_series": series(m)}
+                for name, ds, sub in (("test_sub8", ex.splits["test"], 8), ("test_whole", ex.splits["test"], 0),
+                                      ("valid1000_sub8", valid_1000, 8)):
+                    sc = evaluate(diffusion_decoder(m, ex, profile, 1.0, sub_block=sub, engine="graphed"), ds, ex,
+                                  P.eval_batch, P.device)
+                    point[name] = {"valid": sc["metrics"]["valid_rate"], "recall@1": sc["metrics"]["recall@1"],
+                                   "strict_ndcg@3": sc["metrics_strict"]["ndcg@3"], "invalid": sc["n"] - round(
+                                       sc["metrics"]["valid_rate"] * sc["n"])}
+                curve.append(point)
+                print(mode, "epoch", len(curve), json.dumps(point), f"{time.time() - t0:.0f}s", flush=True)
+                dump()
+                return point["val_series"]
+
+            return validate
+
+        cft_mod.diffusion_validate = validate_with_curve
     Pc = validate_profile(replace(P, cft_epochs=epochs, cft_lr=float(os.environ.get("LR", P.cft_lr)),
                                   cft_schedule=os.environ.get("CFT_SCHEDULE", P.cft_schedule),
                                   seed=int(os.environ.get("CFT_SEED", P.seed))))
