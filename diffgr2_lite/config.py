@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 DATASETS = ("synthetic", "amazon_beauty")
 SCHEDULE_NAMES = ("cosine", "stable_decay", "constant")   # train.SCHEDULES, named here so config stays free of torch
 EVAL_ENGINES = ("readable", "graphed")                 # decoders.py: the notebooks' decoders, or fast.py's graphed ones
+CFT_KEEP = ("best", "last")                            # which CFT state is kept: the best validated, or the last
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")   # torch.compile's
 
 
@@ -88,6 +89,8 @@ class Profile:
     cft_epochs: float = 1.0
     cft_lr: float = 5e-4
     cft_schedule: str = "cosine"      # of the CFT learning rate: one of SCHEDULE_NAMES
+    cft_keep: str = "best"            # the CFT state kept: "best" by validation (strict NDCG@3 of 128 users, once an
+    #                                   epoch) or "last", the end of the schedule (validation then only records)
     cft_ablation_epochs: float = 0.5  # CFT variants compared in notebook 05 (shorter than the main run)
     sweep_n: int = 48                 # test users per point of the tau / block-size sweeps (notebook 04)
     # OPD
@@ -136,8 +139,8 @@ PROFILES: dict[str, Profile] = {
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
         reading_ratio=3.0, copy_steps=0, copy_batch=256, copy_check_every=250, ar_epochs=16.0, ar_lr=1e-3,
         ar_schedule="stable_decay",
-        cft_epochs=16.0, cft_lr=6e-4, compile=None,   # 16: see notebook 05, "How long to convert"
-        batch_size=128, eval_batch=512, eval_engine="graphed",
+        cft_epochs=24.0, cft_lr=6e-4, compile=None,   # 24: see notebook 05, "How long to convert"
+        batch_size=128, eval_batch=512,
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,
         rl_steps=10, rl_prompts=12, rl_group=4, rl_lr=1e-5, rl_hack_steps=4,
@@ -252,6 +255,8 @@ def validate_profile(profile: Profile) -> Profile:
     if profile.eval_engine not in EVAL_ENGINES:
         raise ConfigError(f"profile field eval_engine={profile.eval_engine!r} is invalid: must be one of "
                           f"{', '.join(EVAL_ENGINES)}")
+    if profile.cft_keep not in CFT_KEEP:
+        raise ConfigError(f"profile field cft_keep={profile.cft_keep!r} is invalid: must be one of {', '.join(CFT_KEEP)}")
     for name in ("ar_schedule", "cft_schedule"):
         if getattr(profile, name) not in SCHEDULE_NAMES:
             raise ConfigError(f"profile field {name}={getattr(profile, name)!r} is invalid: must be one of "

@@ -491,9 +491,10 @@ def train_supervised(model, train_ds, tokenizer, *, loss_fn, epochs: float, lr: 
                      grad_accum: int = 1, buckets: int = 1, transform=None, validate=None,
                      validate_every: int | None = None, desc: str = "SFT", weight_decay: float = 0.01,
                      compile="auto", compile_options: dict | None = None, log_every: int = 10,
-                     schedule: str = "cosine", ema: float = 0.0) -> dict:
+                     schedule: str = "cosine", ema: float = 0.0, keep_best: bool = True) -> dict:
     """SFT and CFT: ``epochs`` over ``train_ds`` (tokenised rows) with a warm-up and the learning-rate ``schedule``,
-    keeping the best validation state (ties to the later one); with ``ema``, of the weight average.
+    keeping the best validation state (ties to the later one; ``keep_best=False``: the last state, validation only
+    recorded); with ``ema``, of the weight average.
 
     ``batch_size`` is the micro-batch of one process; a step's global batch is ``batch_size * grad_accum *
     processes`` rows. ``loss_fn(model, batch)`` is the objective (AR SFT, or the masked-diffusion loss for CFT);
@@ -511,4 +512,5 @@ def train_supervised(model, train_ds, tokenizer, *, loss_fn, epochs: float, lr: 
     trainer = Trainer(model, lr=lr, total_steps=total, schedule=schedule, weight_decay=weight_decay,
                       grad_accum=grad_accum, compile=compile, compile_options=compile_options, log_every=log_every,
                       device=device, desc=desc, ema=ema)
-    return trainer.fit(data, loss_fn, validate=validate, validate_every=validate_every or len(data))
+    return trainer.fit(data, loss_fn, validate=validate, validate_every=validate_every or len(data),
+                       keep_best=keep_best)

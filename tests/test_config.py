@@ -92,3 +92,9 @@ def test_unknown_eval_engine_is_refused():
     with pytest.raises(ConfigError, match=r"eval_engine='fast' is invalid: must be one of readable, graphed"):
         get_profile("smoke", eval_engine="fast")
     assert get_profile("smoke", eval_engine="graphed").eval_engine == "graphed"
+
+
+def test_unknown_cft_keep_is_refused():
+    with pytest.raises(ConfigError, match=r"cft_keep='final' is invalid: must be one of best, last"):
+        get_profile("smoke", cft_keep="final")
+    assert get_profile("smoke", cft_keep="last").cft_keep == "last"

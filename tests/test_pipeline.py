@@ -158,6 +158,34 @@ def test_cft_and_its_off_policy_control_train_on_the_same_relabelled_rows(stage,
     assert seen[0] == seen[1] == (len(ex.training_rows()), True, stage.block_size)
 
 
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_cft_keeps_the_best_validated_state_or_the_last(stage, monkeypatch, keep):
+    """Two validations (2 epochs) that score worse the second time: ``cft_keep = "best"`` ends on the first epoch's
+    weights, ``"last"`` on the second's, and both record the two scores."""
+    from dataclasses import replace
+
+    import torch
+
+    from diffgr2_lite import cft as cft_mod
+
+    ex = pl.get_examples(stage, progress=False)
+    states = []
+
+    def validation(profile, ex_, n=128, tau=1.0):
+        def score(model):
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return 1.0 / len(states)                            # 1.0, then 0.5
+        return score
+
+    monkeypatch.setattr(cft_mod, "diffusion_validate", validation)
+    P = replace(stage, cft_keep=keep)
+    model, hist = cft_mod.train_cft(P, ex, pl.new_model(P, ex), epochs=2.0)
+    assert hist["val"] == [1.0, 0.5] and len(states) == 2
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])    # the second epoch changed them
+    kept = states[0] if keep == "best" else states[1]
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
+
+
 @pytest.fixture
 def decoded_sub_blocks(monkeypatch):
     """The ``sub_block`` of every call to the block sampler, in order (the sampler still runs)."""

@@ -22,6 +22,7 @@ Environment:
   caveat), and ``ar`` then also decodes the same run's last step: a paired comparison. The trainer's warm-up caps
   the decay at (1 + t) / (10 + t), 0.9975 at the end of the full profile's 3,536 steps, so larger values change
   nothing; 0.995 averages over roughly the last 200 steps;
+* ``CFT_KEEP=last`` keeps CFT's last state instead of its best validated one (``cft_keep``);
 * ``CFT_VAL_N=1000`` chooses CFT's kept epoch on that many validation users (default 128), and ``ALSO_LAST=1``
   also decodes the CFT run's last step (sub-blocks of 8; a paired comparison with the kept epoch);
 * ``DRILL=0.25`` drills the ranks on that share of SFT rows (``rank_drill_share``; same caveat as ``AR_EPOCHS``);
@@ -164,6 +165,7 @@ else:
         cft_mod.diffusion_validate = validate_with_curve
     Pc = validate_profile(replace(P, cft_epochs=epochs, cft_lr=float(os.environ.get("LR", P.cft_lr)),
                                   cft_schedule=os.environ.get("CFT_SCHEDULE", P.cft_schedule),
+                                  cft_keep=os.environ.get("CFT_KEEP", P.cft_keep),
                                   seed=int(os.environ.get("CFT_SEED", P.seed))))
     cft_model, h = cft_mod.train_cft(Pc, ex, model, "cft", val_users=int(os.environ.get("CFT_VAL_N", 128)))
     res["cft_train"] = {"epochs": epochs, "lr": Pc.cft_lr, "schedule": Pc.cft_schedule, "seed": Pc.seed,
