@@ -75,7 +75,7 @@ def train_cft(profile: Profile, ex, ar_model, variant: str = "cft", epochs: floa
     the profile's ``cft_keep = "last"``, only record the curve while the schedule's last state is kept. 128 users
     are a noisy judge of a 16-epoch run: in a full run it kept epoch 9, 98.85% valid on the test users
     (``results/checks/2026-12-02-h200-series-cft16-graphed.json``), while in a side run test validity went on
-    climbing, 98.97% at epoch 9 to 99.54% at epoch 13 (``2026-12-02-h200-cft16-epoch-curve.json``).
+    climbing, 98.97% at epoch 9 to 99.54% at epoch 13 (``results/checks/2026-12-02-h200-cft16-epoch-curve.json``).
     Returns (model, history)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown CFT variant {variant!r}; valid: {', '.join(VARIANTS)}")
