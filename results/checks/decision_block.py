@@ -36,7 +36,8 @@ Environment:
   the graphed engine (``<name>_graphed``): the same model, both engines, their records and seconds side by side;
 * ``EPOCH_CURVE=1``: at each of CFT's validations (once per epoch), the model of that moment also decodes every test
   user (sub-blocks of 8 and the whole block) and validation users 256..1255 (sub-blocks of 8), graphed, at tau 1.0:
-  validity and strict NDCG@3 epoch by epoch, and which epoch each selection rule would keep.
+  validity and strict NDCG@3 epoch by epoch, and which epoch each selection rule would keep (about 20 s an epoch on
+  one H200; ``CURVE_DECODES=test_sub8`` keeps only the first of the three);
 
 ``ar`` trains the full profile's AR SFT, saves it as the ``ar`` stage checkpoint and decodes it freely.
 ``cft_e<epochs>`` loads that checkpoint, runs CFT (the full profile's recipe) for that many epochs and decodes the
@@ -142,6 +143,7 @@ else:
         _series_validate = cft_mod.diffusion_validate
         valid_1000 = ex.splits["valid"].select(range(256, min(1256, len(ex.splits["valid"]))))
         curve = res.setdefault("epoch_curve", [])
+        curve_decodes = os.environ.get("CURVE_DECODES", "test_sub8,test_whole,valid1000_sub8").split(",")
 
         def validate_with_curve(profile, ex_, n=128, tau=1.0):
             series = _series_validate(profile, ex_, n=n, tau=tau)
@@ -150,6 +152,8 @@ else:
                 point = {"val_series": series(m)}
                 for name, ds, sub in (("test_sub8", ex.splits["test"], 8), ("test_whole", ex.splits["test"], 0),
                                       ("valid1000_sub8", valid_1000, 8)):
+                    if name not in curve_decodes:
+                        continue
                     sc = evaluate(diffusion_decoder(m, ex, profile, 1.0, sub_block=sub, engine="graphed"), ds, ex,
                                   P.eval_batch, P.device)
                     point[name] = {"valid": sc["metrics"]["valid_rate"], "recall@1": sc["metrics"]["recall@1"],
