@@ -8,7 +8,8 @@ Two engines run the same decoding rule (a profile's ``eval_engine``): ``readable
 and ``graphed``, the static-cache decoders of :mod:`diffgr2_lite.fast` that notebook 08 times (CUDA graphs and bf16
 weights on a GPU; eager and float32 on a CPU, where the tests find the readable decoders' tokens: the static cache
 takes another attention path, so logits agree to float rounding, not bit for bit). Greedy decoding only: constrained
-and sampled decoding and the assignment decoder exist in the readable engine alone (:func:`engine_for`).
+and sampled decoding exist in the readable engine alone (:func:`engine_for`); the external assignment decoder
+rewrites the answer of either engine's output, scored by the model itself.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def graphed(model, build):
 
 def engine_for(engine: str, greedy_only: bool) -> str:
     """The engine that decodes: ``engine``, unless the decoding needs the readable one (``greedy_only`` False:
-    constrained, sampled, or followed by the assignment decoder)."""
+    constrained or sampled)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown decoding engine {engine!r}; valid: {', '.join(ENGINES)}")
     return engine if greedy_only else "readable"
@@ -75,11 +76,12 @@ def effective_sub_block(profile, block_size: int, sub_block: int | None = None) 
 def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | None = None, temperature: float = 0.0,
                       assign: bool = False, sub_block: int | None = None, max_blocks: int | None = None,
                       engine: str | None = None):
-    """Block-diffusion decoding; ``assign`` rewrites each answer with the external assignment decoder.
+    """Block-diffusion decoding; ``assign`` rewrites each answer with the external assignment decoder (after either
+    engine's sampler; the assignment itself is scored with ``model``).
 
     ``sub_block``: left-to-right chunks inside a block (None: the profile's ``sub_block``; 0: the whole block).
     ``max_blocks``: default, enough for the longest training completion. ``engine``: None, the profile's
-    ``eval_engine`` (greedy decoding without ``assign`` only; see :func:`engine_for`)."""
+    ``eval_engine`` (greedy decoding only; see :func:`engine_for`)."""
     from .diffusion.sampler import diffusion_decode
     from .text import label_token_ids
 
@@ -87,25 +89,28 @@ def diffusion_decoder(model, ex, profile, tau: float = 1.0, block_size: int | No
     B = block_size or profile.block_size
     max_blocks = max_blocks or default_max_blocks(ex.splits["train"], B)
     sub_block = effective_sub_block(profile, B, sub_block)
-    if engine_for(engine or profile.eval_engine, not assign and temperature == 0.0) == "graphed":
+    if engine_for(engine or profile.eval_engine, temperature == 0.0) == "graphed":
         from .fast import FastDiffusionDecoder
 
-        return graphed(model, lambda m, n, P: FastDiffusionDecoder(
+        sample = graphed(model, lambda m, n, P: FastDiffusionDecoder(
             m, n, P, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau, sub_block=sub_block))
+    else:
+        def sample(rows, prompt):
+            return diffusion_decode(model, prompt, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau,
+                                    temperature=temperature, sub_block=sub_block).as_dict()
+    if not assign:
+        return sample
 
-    def decode(rows, prompt):
-        res = diffusion_decode(model, prompt, max_blocks, B, tok.mask_token_id, tok.eos_token_id, tau=tau,
-                               temperature=temperature, sub_block=sub_block)
-        out = res.as_dict()
-        if assign:
-            from .diffusion.assignment import assign_answer
+    def sample_and_assign(rows, prompt):
+        from .diffusion.assignment import assign_answer
 
-            labels = label_token_ids(tok, len(rows[0]["candidates"]))
-            out["tokens"] = assign_answer(model, prompt, res.tokens, candidate_token_ids(rows, ex, tok, prompt.device),
-                                          B, tok.mask_token_id, tok.convert_tokens_to_ids("<answer>"), labels)
+        out = sample(rows, prompt)
+        labels = label_token_ids(tok, len(rows[0]["candidates"]))
+        out["tokens"] = assign_answer(model, prompt, out["tokens"], candidate_token_ids(rows, ex, tok, prompt.device),
+                                      B, tok.mask_token_id, tok.convert_tokens_to_ids("<answer>"), labels)
         return out
 
-    return decode
+    return sample_and_assign
 
 
 def validation_score(decode, ex, profile, n: int = 256, metric: str = "ndcg@3") -> float:

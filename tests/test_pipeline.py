@@ -236,8 +236,9 @@ def test_validation_and_rollouts_of_diffusion_stages_use_the_profiles_sub_blocks
 
 def test_graphed_engine_gives_the_readable_decoders_results(stage, monkeypatch):
     """``eval_engine = "graphed"`` decodes with fast.py's static-shape decoders (one per batch shape, so the last,
-    smaller batch is exercised) and, on a CPU in float32, scores exactly what the readable decoders score; the
-    constrained AR decoder and the assignment decoder stay readable, and each record names its engine."""
+    smaller batch is exercised) and, on a CPU in float32, scores exactly what the readable decoders score, also when
+    the assignment decoder rewrites the answers; the constrained AR decoder stays readable, and each record names its
+    engine."""
     from dataclasses import replace
 
     import torch
@@ -279,9 +280,14 @@ def test_graphed_engine_gives_the_readable_decoders_results(stage, monkeypatch):
     assert free_a["scored"]["outputs"] == free_b["scored"]["outputs"] and calls["ar"] > 0
     before = dict(calls)
     cons = pl.evaluate_ar(graphed, ar, ex, "ar_constrained", constrained=True, split="valid")
-    assigned = pl.evaluate_diffusion(graphed, ar, ex, "naive_constrained", assign=True, write=False, n=3)
-    assert calls == before                                                  # neither exists in the graphed engine
-    assert cons["record"]["engine"] == assigned["record"]["engine"] == "readable"
+    assert calls == before and cons["record"]["engine"] == "readable"       # no constrained graphed decoder
+    assigned = [pl.evaluate_diffusion(p, ar, ex, "naive_constrained", tau=0.7, assign=True, write=False)
+                for p in (readable, graphed)]
+    assert calls["diffusion"] == before["diffusion"] + 2                    # the graphed sampler, then assignment
+    assert assigned[0]["scored"]["outputs"] == assigned[1]["scored"]["outputs"]
+    assert assigned[0]["scored"]["outputs"] != outputs[0]                   # the assignment rewrote answers
+    assert [r["record"]["engine"] for r in assigned] == ["readable", "graphed"]
+    assert assigned[1]["record"]["metrics"]["valid_rate"] == 1.0
     from diffgr2_lite.decoders import ar_decoder, diffusion_validate
 
     assert diffusion_validate(graphed, ex, n=3)(ar) == diffusion_validate(readable, ex, n=3)(ar)
