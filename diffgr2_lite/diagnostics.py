@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .data.teacher import rank_tokens
 from .text import ANSWER, LEVEL_NAMES, answer_items, label_position, label_token, output_tokens, split_output
 
 PARTS = ("no answer", "pick", "rest", "end")
@@ -111,10 +112,10 @@ def ranks_state(output, n_candidates: int) -> str | None:
         return None
     i = a - tokens[:a][::-1].index("ranks")                  # just after the last "ranks" before the answer
     ranks, after = tokens[i:i + n], tokens[i + n:i + n + 1]
-    expected = [f"#{k + 1}" for k in range(n)]
+    expected = rank_tokens(list(range(n)))                    # #1 .. #N, spelled as the teacher writes them
     if sorted(ranks, key=lambda t: (len(t), t)) != expected or (after and after[0].startswith("#")):
         return "broken"
-    order = [label_token(ranks.index(f"#{k + 1}")) for k in range(n)]
+    order = [label_token(ranks.index(r)) for r in expected]
     named = set(order)
     labels = [t for t in body if t in named][:n]
     return "followed" if labels == order else "departed"
