@@ -67,10 +67,10 @@ def make_batch(rows, tokenizer, lambda_r: float = 1.0, lambda_o: float = 1.0, mu
     """Stack rows (dicts with ``prompt_ids`` and ``completion_ids``) into a :class:`Batch`.
 
     Per row: the completion up to and including its first ``<eos>`` is real; the reasoning before ``<answer>`` weighs
-    ``lambda_r``, ``<answer>`` to that ``<eos>`` weighs ``lambda_o`` (and is the answer), and the decision token
-    (:func:`decision_index`) is further scaled by the row's ``decision_weight``. Built with whole-array operations
-    (a training set of 28,000 rows is one call when :class:`DeviceBatches` is built).
-    """
+    ``lambda_r``, ``<answer>`` to that ``<eos>`` weighs ``lambda_o`` (and is the answer), and the decision (the token
+    after ``pick`` in a trace, else the one after ``<answer>``) is further scaled by the row's ``decision_weight``.
+    Built with whole-array operations (a training set of 28,000 rows is one call when :class:`DeviceBatches` is
+    built)."""
     import numpy as np
 
     eos, answer = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(ANSWER)
@@ -103,15 +103,6 @@ def make_batch(rows, tokenizer, lambda_r: float = 1.0, lambda_o: float = 1.0, mu
     weight[rows_with, decision[rows_with]] *= scale
     return Batch(torch.tensor(np.asarray(prompts, dtype=np.int64)), torch.from_numpy(comp),
                  torch.from_numpy(weight), torch.from_numpy(is_answer), torch.from_numpy(end))
-
-
-def decision_index(completion: list[int], pick_id: int, answer_id: int) -> int | None:
-    """Where the decision is written: the token after ``pick`` in a trace, else the first token of the answer."""
-    if pick_id in completion:
-        return completion.index(pick_id) + 1
-    if answer_id in completion:
-        return completion.index(answer_id) + 1
-    return None
 
 
 def training_dicts(rows) -> list[dict]:
