@@ -243,7 +243,7 @@ def evaluate_diffusion(profile: Profile, model, ex, stage: str, tau: float = 1.0
     ds = ex.splits[split]
     if n is not None:
         ds = ds.select(range(min(n, len(ds))))
-    engine = engine_for(profile.eval_engine, True)             # greedy: either engine (assign rewrites its output)
+    engine = profile.eval_engine                 # greedy, so either engine decodes (assign rewrites its output)
 
     def run():
         decode = diffusion_decoder(model, ex, profile, tau, B, assign=assign, sub_block=sub_block or 0, engine=engine)
