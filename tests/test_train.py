@@ -133,6 +133,9 @@ def test_make_batch_matches_a_row_by_row_reference():
         assert torch.equal(got.prompt, torch.tensor([[1, 2, 3]] * len(rows)))
         for a, b in zip((got.completion, got.weight, got.is_answer, got.length), ref):
             assert a.dtype == b.dtype and torch.equal(a, b)
+        if lr == 0.3:                          # hand-computed: row 7 (decision weight 0) and row 2 (<answer> after <eos>)
+            assert got.weight[7, :6].tolist() == pytest.approx([0.3, 0.0, 1.7, 1.7, 1.7, 0.0])
+            assert got.weight[2, :5].tolist() == pytest.approx([0.3, 0.3, 0.3, 0.0, 0.0]) and got.length[2] == 3
     assert got.weight[0, 2] == 1.0 and got.weight[1, 2] == 1.0          # hand rows: the decision and no decision
     with pytest.raises(ValueError, match="same length"):
         make_batch([{"prompt_ids": [1], "completion_ids": [2]}, {"prompt_ids": [1, 2], "completion_ids": [2]}],
