@@ -32,7 +32,7 @@ from .rank_drill import augmentations
 from .train import distributed, end_distributed, engine_settings, train_supervised
 
 STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained",
-          "cft", "opd", "rl", "speed")
+          "cft", "cft_whole", "cft_sub4", "opd", "rl", "speed")
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt
@@ -128,9 +128,7 @@ def record_fixed(profile: Profile, ex, stage: str, column: str | None, reference
 
 def _cached(profile: Profile, stage: str, model, settings: dict, run):
     """Evaluate once per (stage, settings, weights, data): later notebooks reuse the saved per-user results.
-    ``settings`` name the decoding engine when it is not the readable one (readable results keep their old keys)."""
-    if settings.get("engine") == "readable":
-        settings = {k: v for k, v in settings.items() if k != "engine"}
+    ``settings`` name the decoding engine, so a graphed result is never served for a readable one or back."""
     return cached_evaluation(art.stage_dir(profile, stage) / "scored.json",
                              {**settings, "data": profile_hash(profile, *DATA_FIELDS)}, model, run)
 
