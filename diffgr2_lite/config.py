@@ -139,8 +139,8 @@ PROFILES: dict[str, Profile] = {
         model=ModelSize(hidden=384, layers=6, heads=6, intermediate=1024),
         reading_ratio=3.0, copy_steps=0, copy_batch=256, copy_check_every=250, ar_epochs=16.0, ar_lr=1e-3,
         ar_schedule="stable_decay",
-        cft_epochs=24.0, cft_lr=6e-4, compile=None,   # 24: see notebook 05, "How long to convert"
-        batch_size=128, eval_batch=512,
+        cft_epochs=12.0, cft_lr=6e-4, cft_keep="last", compile=None,   # see notebook 05, "How long to convert"
+        batch_size=128, eval_batch=512, eval_engine="graphed",
         cft_ablation_epochs=0.5, sweep_n=256,
         opd_steps=10, opd_prompts=24, opd_rollouts=2, opd_lr=2e-5, opd_ablation_steps=2,
         rl_steps=10, rl_prompts=12, rl_group=4, rl_lr=1e-5, rl_hack_steps=4,
