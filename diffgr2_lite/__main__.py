@@ -22,8 +22,6 @@ from . import artifacts as art
 from .config import PROFILES, ConfigError, get_profile
 
 NOTEBOOK_DIR = art.REPO / "notebooks"
-RESULT_STAGES = ("retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained", "cft",
-                 "cft_whole", "cft_sub4", "opd", "rl")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -78,7 +76,7 @@ def collect_results(profile_name: str) -> Path:
     """
     src = art.runs_dir(profile_name)
     dst = art.REPO / "results" / profile_name
-    stages = (*RESULT_STAGES, "speed")
+    stages = (*art.RESULT_STAGES, "speed")
     runs = {s: src / s / "metrics.json" for s in stages if (src / s / "metrics.json").exists()}
     kept = {s: dst / f"{s}.json" for s in stages if s not in runs and (dst / f"{s}.json").exists()}
     records = {s: art.check_result(f, s) for s, f in {**kept, **runs}.items()}
@@ -102,7 +100,7 @@ def results_table(records: dict) -> str:
              "naive": "naive conversion", "naive_constrained": "naive + external assignment",
              "cft": "+ CFT", "cft_whole": "+ CFT, whole block", "cft_sub4": "+ CFT, sub-blocks of 4",
              "opd": "+ CFT + OPD", "rl": "+ CFT + OPD + RL"}
-    for stage in RESULT_STAGES:
+    for stage in art.RESULT_STAGES:
         if stage not in records:
             continue
         r = records[stage]

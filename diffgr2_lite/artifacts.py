@@ -174,7 +174,10 @@ class Timer:
 # ----------------------------------------------------------------------------------------------- results schema
 METRICS = ("recall@1", "recall@3", "ndcg@3", "ndcg@10", "valid_rate", "duplicate_rate", "dropped_rate",
            "out_of_set_rate", "malformed_rate", "mean_reasoning_tokens", "mean_answer_tokens")
-DIFFUSION_STAGES = ("naive", "naive_constrained", "cft", "opd", "rl")
+# every evaluated stage with a metrics record, in the results table's order (pipeline.STAGES adds data and speed)
+RESULT_STAGES = ("retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained", "cft",
+                 "cft_whole", "cft_sub4", "opd", "rl")
+DIFFUSION_STAGES = ("naive", "naive_constrained", "cft", "cft_whole", "cft_sub4", "opd", "rl")
 RECORD_SCHEMA = {"device": "str", "profile": "str", "dataset": "str", "seed": "int", "created": "ISO time",
                  "versions": "object", "n_eval": "int", "split": "str", "metrics": "object",
                  "metrics_strict": "object"}

@@ -31,8 +31,7 @@ from .model import CheckpointError, build_model, load_checkpoint, n_parameters, 
 from .rank_drill import augmentations
 from .train import distributed, end_distributed, engine_settings, train_supervised
 
-STAGES = ("data", "retriever", "teacher", "ar_direct", "ar", "ar_constrained", "naive", "naive_constrained",
-          "cft", "cft_whole", "cft_sub4", "opd", "rl", "speed")
+STAGES = ("data", *art.RESULT_STAGES, "speed")
 
 
 # bump when the example builder changes what it writes: cached data built by older code is then rebuilt

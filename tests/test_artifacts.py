@@ -324,6 +324,7 @@ def test_check_result_accepts_complete_records_with_extra_keys(tmp_path):
     ("ar", stage_file(created="yesterday"), "key 'created' should be ISO time"),
     ("ar", stage_file(versions={"torch": "2"}), "missing key versions.'transformers'"),
     ("cft", stage_file(tau=None), "missing key 'tau'"),
+    ("cft_whole", stage_file(block_size=None), "missing key 'block_size'"),    # CFT's other decoding orders too
     ("speed", {"device": "x", "versions": {"torch": "2", "transformers": "5"}, "rows": [{**SPEED_ROW, "graphs": 1}]},
      "key rows[0].'graphs' should be bool"),
     ("speed", {"device": "x", "versions": {}, "rows": []}, "missing key versions.'torch'"),
