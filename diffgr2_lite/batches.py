@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .text import ANSWER, encode
@@ -71,8 +72,6 @@ def make_batch(rows, tokenizer, lambda_r: float = 1.0, lambda_o: float = 1.0, mu
     after ``pick`` in a trace, else the one after ``<answer>``) is further scaled by the row's ``decision_weight``.
     Built with whole-array operations (a training set of 28,000 rows is one call when :class:`DeviceBatches` is
     built)."""
-    import numpy as np
-
     eos, answer = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(ANSWER)
     pick = tokenizer.convert_tokens_to_ids("pick")
     prompts = [r["prompt_ids"] for r in rows]
